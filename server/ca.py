@@ -1,0 +1,599 @@
+"""The server's certificate authority: root, device CA, factory CA, broker/server identities.
+
+Layout of a CA directory (created by ``provision-server ca init``, mode 0700)::
+
+    root.pem / root.key              self-signed root; its key is used only by ``init``
+    device-ca.pem / device-ca.key    signs operational device certificates and the CRL
+    factory-ca.pem / factory-ca.key  signs birth certificates (IDevID idea)
+    broker.pem / broker.key          Mosquitto's TLS server certificate (issued by the root)
+    server-client.pem / .key         the server's own MQTT client identity (device CA)
+    device-ca-chain.pem              device CA + root: operational listener cafile, devices'
+                                     ``ca_certificate``
+    factory-ca-chain.pem             factory CA + root: provisioning listener cafile
+    crl.pem                          written by ``write_crl``; the operational listener's crlfile
+
+Every key is ECDSA P-256, created with O_EXCL and mode 0600; the three CA keys are
+encrypted when a passphrase is given (the broker and server-client keys cannot be:
+their services start unattended). Certificates are written atomically.
+
+Trust note: both chains end at the same root, so a listener whose cafile is
+``device-ca-chain.pem`` would accept a birth certificate too. The operational listener
+also loads ``crl.pem`` (device CA only), and OpenSSL's CRL check then refuses any leaf
+whose issuer has no CRL loaded - a birth certificate is refused there ("unable to get
+certificate CRL"). The tests verify this with a real Mosquitto.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Final, Literal
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from agent.protocol import mac_uri
+from server.errors import CaError
+
+SERVER_CLIENT_CN: Final = "provisioning-server"
+"""CN of the server's own MQTT identity; never issued to a device."""
+
+CLOCK_SKEW: Final = timedelta(minutes=5)
+ROOT_VALIDITY: Final = timedelta(days=365 * 30)
+INTERMEDIATE_VALIDITY: Final = timedelta(days=365 * 25)
+BROKER_VALIDITY: Final = timedelta(days=365 * 5)
+DEFAULT_DEVICE_VALIDITY: Final = timedelta(days=90)
+DEFAULT_BIRTH_VALIDITY: Final = timedelta(days=365 * 20)
+
+DevicePublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+
+@dataclass(frozen=True)
+class CaPaths:
+    """Where each file of a CA directory lives (``CaPaths.of(directory)``)."""
+
+    directory: Path
+    root_cert: Path
+    root_key: Path
+    device_ca_cert: Path
+    device_ca_key: Path
+    factory_ca_cert: Path
+    factory_ca_key: Path
+    broker_cert: Path
+    broker_key: Path
+    server_client_cert: Path
+    server_client_key: Path
+    device_ca_chain: Path
+    factory_ca_chain: Path
+    crl: Path
+
+    @classmethod
+    def of(cls, directory: Path) -> CaPaths:
+        d = Path(directory)
+        return cls(
+            d, d / "root.pem", d / "root.key", d / "device-ca.pem", d / "device-ca.key",
+            d / "factory-ca.pem", d / "factory-ca.key", d / "broker.pem", d / "broker.key",
+            d / "server-client.pem", d / "server-client.key", d / "device-ca-chain.pem",
+            d / "factory-ca-chain.pem", d / "crl.pem",
+        )  # fmt: skip
+
+    def material(self) -> list[Path]:
+        """Every file ``init`` writes (not the CRL, which is written later)."""
+        return [getattr(self, f.name) for f in fields(self) if f.name not in ("directory", "crl")]
+
+
+def fingerprint_sha256(cert: x509.Certificate) -> str:
+    """Lowercase hex SHA-256 over the certificate's DER encoding (no colons)."""
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def serial_hex(cert: x509.Certificate) -> str:
+    """Serial number as uppercase hex without colons or leading zeros (``format(n, "X")``).
+
+    This is the spelling stored in ``certificateSerial`` and matched on revocation.
+    """
+    return format(cert.serial_number, "X")
+
+
+# --- file helpers -------------------------------------------------------------
+
+
+def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write via temp file + fsync + rename, so readers never see a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fchmod(fh.fileno(), mode)
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _write_key(path: Path, data: bytes) -> None:
+    """Create a private key file: O_EXCL (never overwrite), mode 0600 from the start."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey, passphrase: bytes | None) -> bytes:
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase)
+        if passphrase
+        else serialization.NoEncryption()
+    )
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+    )
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+# --- certificate building -----------------------------------------------------
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _name(common_name: str, organization: str | None = None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    if organization:
+        attrs.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
+    return x509.Name(attrs)
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _ca_certificate(
+    subject: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Certificate | None,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    path_length: int | None,
+    validity: timedelta,
+) -> x509.Certificate:
+    now = _now()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + validity)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(
+            _key_usage(ca=True),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    if issuer is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _key_usage(*, ca: bool) -> x509.KeyUsage:
+    """CA: keyCertSign + cRLSign; leaf: digitalSignature only (ECDHE, no key transport)."""
+    return x509.KeyUsage(
+        digital_signature=not ca, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
+        encipher_only=False, decipher_only=False,
+    )  # fmt: skip
+
+
+def _leaf_certificate(
+    *,
+    subject: x509.Name,
+    public_key: DevicePublicKey,
+    issuer: x509.Certificate,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    san: list[x509.GeneralName] | None,
+    eku: x509.ObjectIdentifier,
+    validity: timedelta,
+    not_before: datetime | None,
+) -> x509.Certificate:
+    start = not_before if not_before is not None else _now() - CLOCK_SKEW
+    # A certificate that outlives its issuer fails validation anyway; clamp it.
+    end = min(start + validity, issuer.not_valid_after_utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(ca=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
+    )
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+# --- the CA -------------------------------------------------------------------
+
+
+class CertificateAuthority:
+    """Loaded CA material; signs device and birth certificates and the device CRL.
+
+    The root key is not loaded (only ``init`` needs it), so an operator may move it offline.
+    """
+
+    def __init__(
+        self,
+        paths: CaPaths,
+        root: x509.Certificate,
+        device_ca: x509.Certificate,
+        device_key: ec.EllipticCurvePrivateKey,
+        factory_ca: x509.Certificate,
+        factory_key: ec.EllipticCurvePrivateKey,
+    ) -> None:
+        self.paths = paths
+        self.root = root
+        self.device_ca = device_ca
+        self._device_key = device_key
+        self.factory_ca = factory_ca
+        self._factory_key = factory_key
+
+    def __repr__(self) -> str:  # never show key objects
+        return f"CertificateAuthority({str(self.paths.directory)!r})"
+
+    # -- creation / loading --
+
+    @classmethod
+    def init(
+        cls,
+        directory: Path,
+        *,
+        passphrase: bytes | None = None,
+        server_names: Sequence[str] = ("localhost",),
+        organization: str = "Device Provisioning",
+    ) -> CertificateAuthority:
+        """Create all CA material in ``directory``; refuse if any of it already exists."""
+        paths = CaPaths.of(directory)
+        existing = [p.name for p in paths.material() if p.exists() or p.is_symlink()]
+        if existing:
+            raise CaError(
+                f"{paths.directory} already holds CA material ({', '.join(existing)}); "
+                "refusing to overwrite it - use another directory or remove it deliberately"
+            )
+        if not server_names:
+            raise CaError("at least one broker server name is needed")
+        paths.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(paths.directory, 0o700)
+
+        # Build everything in memory first, so a failure leaves nothing behind.
+        root_key, device_key, factory_key = _new_key(), _new_key(), _new_key()
+        root = _ca_certificate(
+            _name(f"{organization} Root CA", organization),
+            root_key,
+            None,
+            root_key,
+            1,
+            ROOT_VALIDITY,
+        )
+        device_ca = _ca_certificate(
+            _name(f"{organization} Device CA", organization),
+            device_key,
+            root,
+            root_key,
+            0,
+            INTERMEDIATE_VALIDITY,
+        )
+        factory_ca = _ca_certificate(
+            _name(f"{organization} Factory CA", organization),
+            factory_key,
+            root,
+            root_key,
+            0,
+            INTERMEDIATE_VALIDITY,
+        )
+        broker_key, client_key = _new_key(), _new_key()
+        san: list[x509.GeneralName] = [x509.DNSName(n) for n in server_names]
+        san.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+        broker = _leaf_certificate(
+            subject=_name(server_names[0], organization),
+            public_key=broker_key.public_key(),
+            issuer=root,
+            issuer_key=root_key,
+            san=san,
+            eku=ExtendedKeyUsageOID.SERVER_AUTH,
+            validity=BROKER_VALIDITY,
+            not_before=None,
+        )
+        client = _leaf_certificate(
+            subject=_name(SERVER_CLIENT_CN),
+            public_key=client_key.public_key(),
+            issuer=device_ca,
+            issuer_key=device_key,
+            san=None,
+            eku=ExtendedKeyUsageOID.CLIENT_AUTH,
+            validity=BROKER_VALIDITY,
+            not_before=None,
+        )
+
+        keys = [
+            (paths.root_key, _key_pem(root_key, passphrase)),
+            (paths.device_ca_key, _key_pem(device_key, passphrase)),
+            (paths.factory_ca_key, _key_pem(factory_key, passphrase)),
+            (paths.broker_key, _key_pem(broker_key, None)),
+            (paths.server_client_key, _key_pem(client_key, None)),
+        ]
+        files = [
+            (paths.root_cert, _pem(root)),
+            (paths.device_ca_cert, _pem(device_ca)),
+            (paths.factory_ca_cert, _pem(factory_ca)),
+            (paths.broker_cert, _pem(broker)),
+            (paths.server_client_cert, _pem(client)),
+            (paths.device_ca_chain, _pem(device_ca) + _pem(root)),
+            (paths.factory_ca_chain, _pem(factory_ca) + _pem(root)),
+        ]
+        written: list[Path] = []
+        try:
+            for path, data in keys:
+                _write_key(path, data)
+                written.append(path)
+            for path, data in files:
+                _write_atomic(path, data)
+                written.append(path)
+            _fsync_dir(paths.directory)
+        except OSError as exc:
+            for path in written:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            raise CaError(f"cannot write CA material to {paths.directory}: {exc}") from exc
+        return cls(paths, root, device_ca, device_key, factory_ca, factory_key)
+
+    @classmethod
+    def load(cls, directory: Path, passphrase: bytes | None = None) -> CertificateAuthority:
+        """Load the CA from ``directory``; CaError names the file and the fix."""
+        paths = CaPaths.of(directory)
+        root = _load_cert(paths.root_cert)
+        device_ca = _load_cert(paths.device_ca_cert)
+        factory_ca = _load_cert(paths.factory_ca_cert)
+        device_key = _load_key(paths.device_ca_key, passphrase)
+        factory_key = _load_key(paths.factory_ca_key, passphrase)
+        for cert, key, path in (
+            (device_ca, device_key, paths.device_ca_key),
+            (factory_ca, factory_key, paths.factory_ca_key),
+        ):
+            if cert.public_key() != key.public_key():
+                raise CaError(f"{path} does not belong to its certificate; the CA is mixed up")
+            try:
+                cert.verify_directly_issued_by(root)
+            except (ValueError, TypeError, InvalidSignature) as exc:
+                raise CaError(f"{cert.subject.rfc4514_string()} is not issued by root.pem") from exc
+        return cls(paths, root, device_ca, device_key, factory_ca, factory_key)
+
+    # -- signing --
+
+    def sign_device_certificate(
+        self,
+        public_key: DevicePublicKey,
+        client_id: str,
+        mac: str,
+        validity: timedelta = DEFAULT_DEVICE_VALIDITY,
+        not_before: datetime | None = None,
+    ) -> x509.Certificate:
+        """Operational certificate (device CA): CN=clientId, SAN URI urn:dev:mac, clientAuth."""
+        return self._sign_device(
+            self.device_ca, self._device_key, public_key, client_id, mac, validity, not_before
+        )
+
+    def sign_birth_certificate(
+        self,
+        public_key: DevicePublicKey,
+        client_id: str,
+        mac: str,
+        validity: timedelta = DEFAULT_BIRTH_VALIDITY,
+        not_before: datetime | None = None,
+    ) -> x509.Certificate:
+        """Birth certificate (factory CA); same profile as the operational one, long-lived."""
+        return self._sign_device(
+            self.factory_ca, self._factory_key, public_key, client_id, mac, validity, not_before
+        )
+
+    def _sign_device(
+        self,
+        issuer: x509.Certificate,
+        issuer_key: ec.EllipticCurvePrivateKey,
+        public_key: DevicePublicKey,
+        client_id: str,
+        mac: str,
+        validity: timedelta,
+        not_before: datetime | None,
+    ) -> x509.Certificate:
+        if client_id == SERVER_CLIENT_CN:
+            # With use_identity_as_username the CN is the broker username.
+            raise CaError(f"clientId {client_id!r} is reserved for the server")
+        if validity <= timedelta(0):
+            raise CaError("certificate validity must be positive")
+        return _leaf_certificate(
+            subject=_name(client_id),
+            public_key=public_key,
+            issuer=issuer,
+            issuer_key=issuer_key,
+            san=[x509.UniformResourceIdentifier(mac_uri(mac))],
+            eku=ExtendedKeyUsageOID.CLIENT_AUTH,
+            validity=validity,
+            not_before=not_before,
+        )
+
+    # -- revocation --
+
+    def build_crl(
+        self,
+        revoked: Iterable[tuple[int, datetime]],
+        next_update: timedelta = timedelta(days=7),
+        *,
+        issuer: Literal["device", "factory"] = "device",
+    ) -> bytes:
+        """PEM CRL of ``(serial, revoked_at)`` pairs, signed by the device (or factory) CA.
+
+        OpenSSL refuses every client once ``nextUpdate`` has passed ("CRL has expired"),
+        so the caller must rebuild and reload it well before ``next_update`` runs out.
+        """
+        ca, key = (
+            (self.device_ca, self._device_key)
+            if issuer == "device"
+            else (self.factory_ca, self._factory_key)
+        )
+        now = _now()
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(ca.subject)
+            .last_update(now - CLOCK_SKEW)
+            .next_update(now + next_update)
+            .add_extension(x509.CRLNumber(int(now.timestamp() * 1000)), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()),
+                critical=False,
+            )
+        )
+        for serial, when in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+            )
+        crl = builder.sign(key, hashes.SHA256())
+        return crl.public_bytes(serialization.Encoding.PEM)
+
+    def write_crl(self, pem: bytes) -> Path:
+        """Atomically replace ``crl.pem`` (then SIGHUP Mosquitto to apply it)."""
+        _write_atomic(self.paths.crl, pem)
+        return self.paths.crl
+
+    # -- accessors --
+
+    @property
+    def device_ca_chain_pem(self) -> bytes:
+        return _pem(self.device_ca) + _pem(self.root)
+
+    @property
+    def factory_ca_chain_pem(self) -> bytes:
+        return _pem(self.factory_ca) + _pem(self.root)
+
+    @property
+    def root_pem(self) -> bytes:
+        return _pem(self.root)
+
+    @property
+    def broker_cert_path(self) -> Path:
+        return self.paths.broker_cert
+
+    @property
+    def broker_key_path(self) -> Path:
+        return self.paths.broker_key
+
+    @property
+    def server_client_cert_path(self) -> Path:
+        return self.paths.server_client_cert
+
+    @property
+    def server_client_key_path(self) -> Path:
+        return self.paths.server_client_key
+
+    def describe(self) -> list[dict[str, str]]:
+        """One row per CA certificate, for ``provision-server ca show``."""
+        return [
+            {
+                "name": name,
+                "subject": cert.subject.rfc4514_string(),
+                "serial": serial_hex(cert),
+                "not_before": cert.not_valid_before_utc.isoformat(),
+                "not_after": cert.not_valid_after_utc.isoformat(),
+                "fingerprint_sha256": fingerprint_sha256(cert),
+            }
+            for name, cert in (
+                ("root", self.root),
+                ("device-ca", self.device_ca),
+                ("factory-ca", self.factory_ca),
+            )
+        ]
+
+
+def _missing(path: Path) -> CaError:
+    return CaError(
+        f"CA file {path} is missing; create the CA with `provision-server ca init` "
+        "or point the configuration at the right CA directory"
+    )
+
+
+def _load_cert(path: Path) -> x509.Certificate:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise _missing(path) from None
+    except OSError as exc:
+        raise CaError(f"cannot read CA file {path}: {exc.strerror}") from exc
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError:
+        raise CaError(f"CA file {path} is not a PEM certificate; restore it from backup") from None
+
+
+def _load_key(path: Path, passphrase: bytes | None) -> ec.EllipticCurvePrivateKey:
+    try:
+        st = path.stat()
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise _missing(path) from None
+    except OSError as exc:
+        raise CaError(f"cannot read CA key {path}: {exc.strerror}") from exc
+    if st.st_mode & 0o077:
+        raise CaError(
+            f"CA key {path} has mode {st.st_mode & 0o777:04o}; it must be 0600 (chmod 600 it)"
+        )
+    try:
+        key = serialization.load_pem_private_key(data, passphrase or None)
+    except TypeError as exc:
+        # cryptography: passphrase given for an unencrypted key, or missing for an encrypted one
+        raise CaError(f"CA key {path}: {exc}; check the passphrase setting") from None
+    except ValueError:
+        raise CaError(
+            f"CA key {path} cannot be decrypted (wrong passphrase?) or is not a PEM key"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CaError(f"CA key {path} is not an EC key")
+    return key
