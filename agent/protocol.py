@@ -312,3 +312,8 @@ def normalise_mac(text: str) -> str:
     if mac in ("00:00:00:00:00:00", "FF:FF:FF:FF:FF:FF"):
         raise ValueError(f"{text!r} is not a usable MAC address (all-zero or broadcast)")
     return mac
+
+
+def default_client_id(mac: str) -> str:
+    """The clientId a device gets when nobody chose one: ``dev-<12 lowercase hex>``."""
+    return "dev-" + normalise_mac(mac).replace(":", "").lower()

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what the tests and the demo need on a fresh Debian machine:
+# Debian's mosquitto (+ clients), a virtual environment in .venv with the
+# package and its test/dev extras. Idempotent and quiet when all is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_install() {
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get install -y -q --no-install-recommends "$@" >/dev/null 2>&1 || {
+        $sudo apt-get update -q >/dev/null
+        $sudo apt-get install -y -q --no-install-recommends "$@" >/dev/null
+    }
+}
+
+missing=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "bootstrap: apt-get install ${missing[*]}"
+    apt_install "${missing[@]}"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    echo "bootstrap: creating .venv"
+    python3 -m venv .venv
+fi
+echo "bootstrap: installing device-provisioning[dev] into .venv"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 \
+    | grep -v "^WARNING: Location" || true
+.venv/bin/python -c 'import agent, server, pymongo, paho.mqtt' \
+    || { echo "bootstrap: the package did not install" >&2; exit 1; }
