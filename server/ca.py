@@ -6,7 +6,8 @@ Layout of a CA directory (created by ``provision-server ca init``, mode 0700)::
     device-ca.pem / device-ca.key    signs operational device certificates and the CRL
     factory-ca.pem / factory-ca.key  signs birth certificates (IDevID idea)
     broker.pem / broker.key          Mosquitto's TLS server certificate (issued by the root)
-    server-client.pem / .key         the server's own MQTT client identity (device CA)
+    server-client.pem / .key         the server's own MQTT client identity (device CA;
+                                     the .pem holds leaf + device CA, for both listeners)
     device-ca-chain.pem              device CA + root: operational listener cafile, devices'
                                      ``ca_certificate``
     factory-ca-chain.pem             factory CA + root: provisioning listener cafile
@@ -366,7 +367,9 @@ class CertificateAuthority:
             (paths.device_ca_cert, _pem(device_ca)),
             (paths.factory_ca_cert, _pem(factory_ca)),
             (paths.broker_cert, _pem(broker)),
-            (paths.server_client_cert, _pem(client)),
+            # Leaf + device CA: the provisioning listener trusts only factory CA + root,
+            # so the server must present its intermediate to connect there as well.
+            (paths.server_client_cert, _pem(client) + _pem(device_ca)),
             (paths.device_ca_chain, _pem(device_ca) + _pem(root)),
             (paths.factory_ca_chain, _pem(factory_ca) + _pem(root)),
         ]

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
 import stat
+import subprocess
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -94,7 +102,8 @@ def test_broker_and_server_client_identities(ca: CertificateAuthority) -> None:
     )
     verifier.verify(broker, [])
 
-    client = x509.load_pem_x509_certificate(ca.server_client_cert_path.read_bytes())
+    client, intermediate = _pem_certs(ca.server_client_cert_path.read_bytes())
+    assert intermediate == ca.device_ca
     assert client.subject.rfc4514_string() == f"CN={SERVER_CLIENT_CN}"
     client.verify_directly_issued_by(ca.device_ca)
     eku = client.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -296,3 +305,131 @@ def test_crl_lists_revoked_serials_and_is_signed_by_the_device_ca(
     assert factory_crl.is_signature_valid(factory_ca_key)
     assert not factory_crl.is_signature_valid(device_ca_key)
     assert len(factory_crl) == 0
+
+
+# --- a real Mosquitto: the operational listener trusts the device CA and loads the CRL ------
+
+
+def _free_ports(count: int) -> list[int]:
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:  # all bound at once, so the ports are distinct
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+
+
+def _write_device(
+    directory: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
+) -> tuple[Path, Path]:
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    return cert_path, key_path
+
+
+def _mosquitto() -> str:
+    # Debian installs the broker in /usr/sbin, which is not on every user's PATH.
+    return shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin") or "mosquitto"
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], stderr: Path) -> None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"mosquitto exited: {stderr.read_text()}"
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"mosquitto did not listen on port {port}")
+
+
+def test_mosquitto_accepts_device_cert_until_revoked(tmp_path: Path) -> None:
+    """Operational listener = device-ca-chain + CRL: device in, revoked device out, birth out.
+
+    A second listener without ``crlfile`` is the control: there a birth certificate that
+    brings its factory CA along is accepted, because both chains end at the same root.
+    Only OpenSSL's CRL check ("unable to get certificate CRL" for the factory CA) keeps
+    birth certificates off the operational listener.
+    """
+    ca = CertificateAuthority.init(tmp_path / "pki")
+    ca.write_crl(ca.build_crl([], timedelta(days=1)))
+    port, control_port, provisioning_port = _free_ports(3)
+    conf = tmp_path / "mosquitto.conf"
+    log = tmp_path / "mosquitto.log"
+    tls = (
+        f"cafile {ca.paths.device_ca_chain}\n"
+        f"certfile {ca.broker_cert_path}\n"
+        f"keyfile {ca.broker_key_path}\n"
+        "require_certificate true\n"
+        "use_identity_as_username true\n"
+    )
+    conf.write_text(
+        f"user {pwd.getpwuid(os.getuid()).pw_name}\n"
+        "persistence false\n"
+        f"log_dest file {log}\n"
+        "log_type all\n"
+        f"listener {port} 127.0.0.1\n{tls}crlfile {ca.paths.crl}\n"
+        f"listener {control_port} 127.0.0.1\n{tls}"
+        f"listener {provisioning_port} 127.0.0.1\n"
+        + tls.replace(str(ca.paths.device_ca_chain), str(ca.paths.factory_ca_chain))
+    )
+    device_key = _device_key()
+    device = ca.sign_device_certificate(device_key.public_key(), "dev-live", MAC, timedelta(1))
+    dev_cert, dev_key = _write_device(tmp_path, "dev", device, device_key)
+    birth = ca.sign_birth_certificate(device_key.public_key(), "dev-live", MAC)
+    birth_cert, birth_key = _write_device(tmp_path, "birth", birth, device_key)
+    with birth_cert.open("ab") as fh:  # send the factory CA along, as a hostile device would
+        fh.write(ca.factory_ca.public_bytes(serialization.Encoding.PEM))
+
+    def publish(cert: Path, key: Path, to: int = port) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(to), "-q", "1",
+             "--cafile", str(ca.paths.device_ca_chain), "--cert", str(cert), "--key", str(key),
+             "-i", "test-client", "-t", "devices/dev-live/hello", "-m", "hi"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )  # fmt: skip
+
+    stderr = tmp_path / "mosquitto.stderr"
+    with stderr.open("wb") as err:
+        broker = subprocess.Popen([_mosquitto(), "-c", str(conf)], stderr=err)
+    try:
+        _wait_for_port(port, broker, stderr)
+        _wait_for_port(control_port, broker, stderr)
+        accepted = publish(dev_cert, dev_key)
+        assert accepted.returncode == 0, accepted.stderr + log.read_text()
+        server = publish(ca.server_client_cert_path, ca.server_client_key_path)
+        assert server.returncode == 0, server.stderr + log.read_text()
+        assert publish(birth_cert, birth_key).returncode != 0, "birth cert accepted"
+        control = publish(birth_cert, birth_key, to=control_port)
+        assert control.returncode == 0, control.stderr + log.read_text()
+
+        revoked = ca.build_crl([(device.serial_number, datetime.now(timezone.utc))], timedelta(1))
+        ca.write_crl(revoked)
+        broker.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while publish(dev_cert, dev_key).returncode == 0:
+            assert time.monotonic() < deadline, "revoked certificate still accepted after SIGHUP"
+            time.sleep(0.1)
+        # The provisioning listener (factory chain) takes birth certs and the server.
+        _wait_for_port(provisioning_port, broker, stderr)
+        birth_leaf = tmp_path / "birth-leaf.pem"
+        birth_leaf.write_bytes(birth.public_bytes(serialization.Encoding.PEM))
+        for cert, key in (
+            (birth_leaf, birth_key),
+            (ca.server_client_cert_path, ca.server_client_key_path),
+        ):
+            result = publish(cert, key, to=provisioning_port)
+            assert result.returncode == 0, result.stderr + log.read_text()
+        # Revocation is per certificate: the server's own identity still connects.
+        server = publish(ca.server_client_cert_path, ca.server_client_key_path)
+        assert server.returncode == 0, server.stderr + log.read_text()
+    finally:
+        broker.terminate()
+        broker.wait(timeout=5)
