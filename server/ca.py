@@ -477,6 +477,9 @@ class CertificateAuthority:
 
         OpenSSL refuses every client once ``nextUpdate`` has passed ("CRL has expired"),
         so the caller must rebuild and reload it well before ``next_update`` runs out.
+        OpenSSL (Mosquitto's X509_V_FLAG_CRL_CHECK) checks only the leaf, but needs the
+        CRL of the leaf's issuer: a listener with a ``crlfile`` refuses every client whose
+        issuer has no CRL in that file (several PEM CRLs may be concatenated in it).
         """
         ca, key = (
             (self.device_ca, self._device_key)
@@ -489,6 +492,7 @@ class CertificateAuthority:
             .issuer_name(ca.subject)
             .last_update(now - CLOCK_SKEW)
             .next_update(now + next_update)
+            # Milliseconds since the epoch: increases across processes without stored state.
             .add_extension(x509.CRLNumber(int(now.timestamp() * 1000)), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()),
