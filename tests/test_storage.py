@@ -340,3 +340,37 @@ def test_sigkill_at_random_points_leaves_a_consistent_store(tmp_path: Path) -> N
     store.prune(keep=2)
     assert assert_consistent(tmp_path) == version
     assert not [n for n in os.listdir(tmp_path / "certs" / "archive") if n.startswith(".")]
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from agent.storage import atomic_write
+    target = Path(sys.argv[1])
+    i = 0
+    while True:
+        i += 1
+        atomic_write(target, (b"A" if i % 2 else b"B") * 200_000)
+        if i == 1:
+            print("ready", flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_sigkill_during_atomic_write_leaves_old_or_new_content(tmp_path: Path) -> None:
+    target = tmp_path / "state.bin"
+    rng = random.Random(3)
+    for _ in range(5):
+        child = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True
+        )
+        assert child.stdout is not None
+        assert child.stdout.readline() == "ready\n"
+        time.sleep(rng.uniform(0.0, 0.1))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+        assert target.read_bytes() in (b"A" * 200_000, b"B" * 200_000)
+        assert mode_of(target) == 0o600
