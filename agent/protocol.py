@@ -115,7 +115,10 @@ def client_id_from_topic(topic: str) -> str:
 
 @dataclass(frozen=True)
 class TokenRequest:
+    """Sent with the birth certificate (PEM) the broker authenticated the device with."""
+
     mac: str
+    cert: str
     op: Literal["token"] = "token"
 
 
@@ -149,7 +152,7 @@ Request = TokenRequest | CsrRequest | RenewRequest | RenewConfirm
 
 _FIELDS: Final[dict[str, dict[str, int]]] = {
     # op -> field -> max length
-    "token": {"mac": 17},
+    "token": {"mac": 17, "cert": MAX_PEM_CHARS},
     "csr": {"token": 128, "csr": MAX_PEM_CHARS},
     "renew": {"csr": MAX_PEM_CHARS},
     "renew-confirm": {"serial": 64},
@@ -212,7 +215,7 @@ def parse_request(payload: bytes) -> Request:
             raise ProtocolError(
                 ErrorCode.BAD_REQUEST, 'field "mac" must look like AA:BB:CC:DD:EE:FF'
             )
-        return TokenRequest(mac=mac)
+        return TokenRequest(mac=mac, cert=fields["cert"])
     if op == "csr":
         return CsrRequest(token=fields["token"], csr=fields["csr"])
     if op == "renew":
