@@ -7,11 +7,13 @@ stderr), 2 a usage error.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import click
 
 from server.cli_output import DEVICE_HEADERS, device_row, table, to_json
+from server.config import load_server_config
 from server.db import DEFAULT_DATABASE, Database
 from server.devices import DeviceRepository
 from server.errors import ServerError
@@ -183,3 +185,143 @@ def device_show(state: CliState, device_ref: str, as_json: bool) -> None:
         if key in ("crt", "ca_certificate") and isinstance(value, str):
             value = f"<PEM, {len(value)} chars>"
         click.echo(f"{key:22} {value}")
+
+
+@device.command("revoke")
+@click.argument("device_ref", metavar="DEVICE")
+@click.option("--reason", default="revoked by operator", show_default=True)
+@pass_state
+def device_revoke(state: CliState, device_ref: str, reason: str) -> None:
+    """Revoke DEVICE's certificate; the broker refuses it at the next connect.
+
+    The device goes to ERROR and may re-provision with its birth certificate.
+    A running `provision-server run` with broker.config_dir set pushes the new
+    CRL and ACL to the broker within seconds.
+    """
+    from server.certificates import CertificateRecords
+
+    doc = DeviceRepository(state.database).find(device_ref)
+    serial = CertificateRecords(state.database).revoke_current(doc["clientId"], reason)
+    if serial is None:
+        raise click.ClickException(f"device {doc['clientId']} has no active certificate")
+    DeviceRepository(state.database).transition(
+        doc["clientId"],
+        expected=set(DeviceStatus) - {DeviceStatus.UNALLOCATED},
+        new=DeviceStatus.ERROR,
+        set_fields={"errorMessage": f"certificate {serial} revoked: {reason}"},
+    )
+    click.echo(f"revoked certificate {serial} of {doc['clientId']}")
+
+
+# --- ca --------------------------------------------------------------------
+
+
+def _passphrase(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes().strip()
+    except OSError as exc:
+        raise click.ClickException(f"cannot read passphrase file {path}: {exc.strerror}") from None
+
+
+@main.group(cls=ServerGroup)
+def ca() -> None:
+    """Certificate authorities (root, device CA, factory CA)."""
+
+
+@ca.command("init")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Directory for the CA material (created 0700).",
+)
+@click.option(
+    "--passphrase-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Encrypt the CA keys with the passphrase in this file.",
+)
+@click.option(
+    "--server-name",
+    "server_names",
+    multiple=True,
+    default=("localhost",),
+    show_default=True,
+    help="DNS name of the broker (repeatable).",
+)
+def ca_init(directory: Path, passphrase_file: Path | None, server_names: tuple[str, ...]) -> None:
+    """Create the CAs and the broker/server identities; never overwrites."""
+    from server.ca import CertificateAuthority
+
+    CertificateAuthority.init(
+        directory, passphrase=_passphrase(passphrase_file), server_names=server_names
+    )
+    click.echo(f"CA material written to {directory}")
+
+
+@ca.command("show")
+@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
+@click.option("--passphrase-file", type=click.Path(path_type=Path, dir_okay=False), default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def ca_show(directory: Path, passphrase_file: Path | None, as_json: bool) -> None:
+    """Show subject, serial, validity and fingerprint of each CA certificate."""
+    from server.ca import CertificateAuthority
+
+    described = CertificateAuthority.load(directory, _passphrase(passphrase_file)).describe()
+    if as_json:
+        click.echo(to_json(described))
+        return
+    for entry in described:
+        for key, value in entry.items():
+            click.echo(f"{key:12} {value}")
+        click.echo()
+
+
+# --- run -------------------------------------------------------------------
+
+
+@main.command("run")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="PROVISION_SERVER_CONFIG",
+    default=None,
+    help="TOML config file (see docs/server.md). Also PROVISION_SERVER_CONFIG.",
+)
+@click.option("--ca-dir", type=click.Path(path_type=Path), default=None, help="CA directory.")
+@click.option("--broker-host", default=None, help="Broker host (server listener).")
+@click.option("--broker-port", type=int, default=None, help="Broker port (server listener).")
+@click.option(
+    "--broker-config-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Directory written by `broker-config`: keep its ACL and CRL in sync.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@pass_state
+def run(
+    state: CliState,
+    config_path: Path | None,
+    ca_dir: Path | None,
+    broker_host: str | None,
+    broker_port: int | None,
+    broker_config_dir: Path | None,
+    verbose: bool,
+) -> None:
+    """Serve tokens, CSRs, renewals and status over MQTT until SIGTERM."""
+    from server.service_runner import run_service
+
+    explicit_uri = click.get_current_context().find_root().params.get("mongodb_uri")
+    config = load_server_config(
+        config_path,
+        mongodb_uri=explicit_uri if explicit_uri != DEFAULT_MONGODB_URI else None,
+        ca_dir=ca_dir,
+        broker_host=broker_host,
+        broker_port=broker_port,
+        broker_config_dir=broker_config_dir,
+    )
+    run_service(config, verbose=verbose)

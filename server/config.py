@@ -1,0 +1,151 @@
+"""Server configuration: one TOML file plus environment overrides, validated once.
+
+Keys (all optional; section.key):
+
+    database.uri                 MongoDB URI (env MONGODB_URI wins)
+    ca.dir                       CA directory written by `provision-server ca init`
+    ca.passphrase_file           file holding the CA keys' passphrase
+    broker.host / broker.port    the broker's loopback listener for the server identity
+    broker.config_dir            directory of `provision-server broker-config`; enables
+                                 ACL/CRL sync with the running broker
+    policy.token_lifetime_s      300
+    policy.certificate_validity_days   90
+    policy.not_allocated_retry_s 60
+    policy.offline_timeout_s     180  (an ACTIVE device silent this long becomes OFFLINE)
+    policy.status_write_interval_s     30  (heartbeat writes per device, at most)
+    service.workers              4
+
+Every key can be overridden with PROVISION_SERVER_<SECTION>_<KEY>.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Final
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
+
+from server.errors import ConfigError
+
+ENV_PREFIX: Final = "PROVISION_SERVER_"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    mongodb_uri: str = "mongodb://127.0.0.1:27017/device_provisioning"
+    ca_dir: Path = Path("/etc/provision-server/ca")
+    ca_passphrase_file: Path | None = None
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 8885
+    broker_config_dir: Path | None = None
+    token_lifetime_s: float = 300.0
+    certificate_validity_days: float = 90.0
+    not_allocated_retry_s: float = 60.0
+    offline_timeout_s: float = 180.0
+    status_write_interval_s: float = 30.0
+    workers: int = 4
+
+    def ca_passphrase(self) -> bytes | None:
+        if self.ca_passphrase_file is None:
+            return None
+        try:
+            return self.ca_passphrase_file.read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read ca.passphrase_file {self.ca_passphrase_file}: {exc.strerror}"
+            ) from None
+
+
+# section.key in the file -> dataclass field
+_KEYS: Final = {
+    ("database", "uri"): "mongodb_uri",
+    ("ca", "dir"): "ca_dir",
+    ("ca", "passphrase_file"): "ca_passphrase_file",
+    ("broker", "host"): "broker_host",
+    ("broker", "port"): "broker_port",
+    ("broker", "config_dir"): "broker_config_dir",
+    ("policy", "token_lifetime_s"): "token_lifetime_s",
+    ("policy", "certificate_validity_days"): "certificate_validity_days",
+    ("policy", "not_allocated_retry_s"): "not_allocated_retry_s",
+    ("policy", "offline_timeout_s"): "offline_timeout_s",
+    ("policy", "status_write_interval_s"): "status_write_interval_s",
+    ("service", "workers"): "workers",
+}
+_TYPES: Final = {f.name: f.type for f in fields(ServerConfig)}
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    kind = str(_TYPES[name])
+    try:
+        if "Path" in kind:
+            if not isinstance(value, str) or not value:
+                raise ValueError("a non-empty path")
+            return Path(value)
+        if kind == "int":
+            number = int(value)
+            if isinstance(value, float) or number <= 0 or number > 65535:
+                raise ValueError("a positive integer up to 65535")
+            return number
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError("a positive number")
+            real = float(value)
+            if not real > 0:
+                raise ValueError("a positive number")
+            return real
+        if not isinstance(value, str) or not value:
+            raise ValueError("a non-empty string")
+        return value
+    except (TypeError, ValueError) as exc:
+        expected = exc.args[0] if exc.args and " " in str(exc.args[0]) else kind
+        raise ConfigError(f"{where}: expected {expected}, got {value!r}") from None
+
+
+def load_server_config(
+    path: Path | None = None, env: Mapping[str, str] | None = None, **overrides: Any
+) -> ServerConfig:
+    """Defaults < file < PROVISION_SERVER_* env < MONGODB_URI < explicit overrides."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        for section, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: {section!r} must be a [section]")
+            for key, value in table.items():
+                name = _KEYS.get((section, key))
+                if name is None:
+                    raise ConfigError(f"{path}: unknown key {section}.{key}")
+                base = path.parent
+                coerced = _coerce(name, value, f"{path}: {section}.{key}")
+                if isinstance(coerced, Path) and not coerced.is_absolute():
+                    coerced = base / coerced
+                values[name] = coerced
+    known_env = {ENV_PREFIX + f"{s}_{k}".upper(): n for (s, k), n in _KEYS.items()}
+    for var, value in env.items():
+        if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX + "CONFIG":
+            continue
+        name = known_env.get(var)
+        if name is None:
+            raise ConfigError(f"environment variable {var} is not a server setting")
+        values[name] = _coerce(name, value, f"environment {var}")
+    if env.get("MONGODB_URI"):
+        values["mongodb_uri"] = env["MONGODB_URI"]
+    for name, value in overrides.items():
+        if value is not None:
+            values[name] = _coerce(
+                name, str(value) if isinstance(value, Path) else value, f"option {name}"
+            )
+    return ServerConfig(**values)
