@@ -16,6 +16,7 @@ from agent.protocol import ErrorCode, ProtocolError
 from agent.serial_frames import (
     END,
     ESC,
+    FLAG_RESEND,
     MAX_FRAME_PAYLOAD,
     BadFrame,
     Frame,
@@ -166,6 +167,23 @@ def test_flipped_bits_are_caught_by_crc_and_resent() -> None:
         assert station.stats.resends >= 2
 
 
+def test_corruption_triggers_an_immediate_resend() -> None:
+    # a bad frame to the board (it NACKs) and one to the station (it resends by itself)
+    with line(LineFaults(flip={1: 20}), LineFaults(flip={3: 9}), timeout=2.0) as (
+        station,
+        board,
+        _,
+    ):
+        station.connect()
+        started = time.monotonic()
+        assert station.request(BIG, TEN_KB) == TEN_KB[::-1]
+        assert time.monotonic() - started < 1.0  # not after the 2 s timeout
+        assert board.link.stats.nacks_sent == 1
+        assert station.stats.nacks_received == 1
+        assert station.stats.decoder.crc_errors == 1
+        assert station.stats.resends == 2
+
+
 def test_dropped_bytes_are_recovered() -> None:
     with line(LineFaults(drop={1: 40, 4: 0}), LineFaults(drop={2: 3})) as (station, board, _):
         station.connect()
@@ -292,24 +310,34 @@ def test_duplicates_are_answered_from_the_cache() -> None:
         assert hello_ack.type is FrameType.HELLO_ACK
         request = encode_chunk(split_object(7, ECHO, b"idem")[0])
         first = raw.send(Frame(FrameType.REQUEST, 2, session, request), wait_for=2)
-        assert [f.type for f in first] == [
-            FrameType.ACK,
-            FrameType.RESPONSE,
+        assert [(f.type, f.seq, f.flags) for f in first] == [
+            (FrameType.ACK, 2, 0),
+            (FrameType.RESPONSE, 2, 0),
         ]
-        # same sequence (our ACK was lost): replayed, not delivered again
+        # same sequence (our ACK was lost): the cached frames, replayed
         replay = raw.send(Frame(FrameType.REQUEST, 2, session, request), wait_for=2)
+        assert [(f.type, f.seq, f.flags) for f in replay] == [
+            (FrameType.ACK, 2, FLAG_RESEND),
+            (FrameType.RESPONSE, 2, FLAG_RESEND),
+        ]
         # the same whole request again (same request id, new sequence): the cached answer
         again = raw.send(Frame(FrameType.REQUEST, 3, session, request), wait_for=2)
+        assert [(f.type, f.seq, f.flags) for f in again] == [
+            (FrameType.ACK, 3, 0),
+            (FrameType.RESPONSE, 3, 0),
+        ]
         for answer in (replay, again):
-            response = answer[1]
-            chunk = decode_chunk(response.payload)
+            chunk = decode_chunk(answer[1].payload)
             assert chunk is not None and chunk.data == b"ok:idem"
         assert board.calls == [(ECHO, b"idem")]
-        # a new request id with the same bytes is a new command
-        raw.send(
-            Frame(FrameType.REQUEST, 4, session, encode_chunk(split_object(8, ECHO, b"idem")[0])), 2
-        )
-        assert board.calls == [(ECHO, b"idem"), (ECHO, b"idem")]
+        # a new session forgets the cache: request id 7 is a new command there
+        raw.send(Frame(FrameType.HELLO, 1, session + 1))
+        raw.send(Frame(FrameType.REQUEST, 2, session + 1, request), wait_for=2)
+        assert len(board.calls) == 2
+        # and so is a new request id with the same bytes
+        other_id = encode_chunk(split_object(8, ECHO, b"idem")[0])
+        raw.send(Frame(FrameType.REQUEST, 3, session + 1, other_id), wait_for=2)
+        assert len(board.calls) == 3
 
 
 def test_wrong_version_is_reported_both_ways() -> None:
