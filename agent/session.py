@@ -1,0 +1,324 @@
+"""The operational session: mTLS to the device listener, status, heartbeat, renewal.
+
+Status is a retained message on ``devices/<id>/status``: ``online`` after
+every connect and every ``heartbeat_s``, ``offline`` as the last will (an
+unclean loss) and on a clean stop (the will is not sent on a clean DISCONNECT).
+
+Renewal at ``renew_fraction`` of the certificate's life: a fresh key in a new
+slot, a CSR on ``devices/<id>/cert/renew``, the new certificate staged (not
+live), the old session closed cleanly, a new session opened with the new
+certificate, ``renew-confirm`` sent over it, and only then is the new version
+made live. If the new certificate does not connect, the old one (still live)
+is used again and the renewal is retried later.
+
+A TLS refusal of the live certificate (revoked, expired, unknown CA) ends the
+session with ``SessionOutcome.REPROVISION``: the runner goes back to NEED_TOKEN
+with the birth identity.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from agent import protocol
+from agent.backoff import Backoff
+from agent.birth import BirthIdentity, Endpoints
+from agent.config import TimingConfig
+from agent.errors import AgentError, ProvisioningRejected
+from agent.keystore import FileKeyStore
+from agent.mqtt_link import LinkError, MqttLink, TlsIdentity, Will
+from agent.protocol import ErrorCode
+from agent.provisioning import Sleep, parse_issued, store_certificate
+from agent.state import AgentState, StateRecord, StateStore, format_fields
+from agent.storage import CertificateStore
+
+log = logging.getLogger("agent.session")
+
+
+class SessionOutcome(Enum):
+    STOPPED = "stopped"
+    REPROVISION = "reprovision"
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def renew_at(meta: dict[str, Any], fraction: float) -> float:
+    """Unix time at which the certificate described by ``meta`` should be renewed."""
+    start = float(meta["not_before"])
+    return start + fraction * (float(meta["not_after"]) - start)
+
+
+class OperationalSession:
+    def __init__(
+        self,
+        identity: BirthIdentity,
+        endpoints: Endpoints,
+        ca_file: Path,
+        timing: TimingConfig,
+        states: StateStore,
+        keystore: FileKeyStore,
+        certs: CertificateStore,
+        sleep: Sleep,
+        stop: threading.Event,
+        tick: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.identity = identity
+        self.client_id = identity.client_id
+        self.endpoints = endpoints
+        self.ca_file = ca_file
+        self.timing = timing
+        self.states = states
+        self.keystore = keystore
+        self.certs = certs
+        self.sleep = sleep
+        self.stop = stop
+        self.tick = tick
+        self.backoff = Backoff(timing.backoff_initial_s, timing.backoff_max_s)
+        self.renew_backoff = Backoff(timing.backoff_initial_s, timing.backoff_max_s)
+        self._next_renew_try = 0.0
+
+    # --- connections -----------------------------------------------------------
+
+    def _connect(self, version: int) -> MqttLink:
+        paths = self.certs.paths(version)
+        if paths.key is None:
+            raise LinkError(f"certificate version {version} has no key file")
+        link = MqttLink(
+            self.client_id,
+            self.endpoints.operational_host,
+            self.endpoints.operational_port,
+            TlsIdentity(paths.cert, paths.key, self.ca_file),
+            keepalive=self.timing.keepalive_s,
+            will=Will(
+                protocol.status_topic(self.client_id), protocol.encode({"status": "offline"})
+            ),
+        )
+        link.connect(self.timing.request_timeout_s)
+        try:
+            link.subscribe(
+                protocol.renew_response_topic(self.client_id), self.timing.request_timeout_s
+            )
+            self._publish_status(link, "online")
+        except BaseException:
+            link.close()
+            raise
+        return link
+
+    def _publish_status(self, link: MqttLink, status: str) -> None:
+        link.publish(
+            protocol.status_topic(self.client_id),
+            protocol.encode({"status": status, "ts": _now_iso()}),
+            self.timing.request_timeout_s,
+            retain=True,
+        )
+
+    def _close(self, link: MqttLink, offline: bool) -> None:
+        if offline:
+            link.close(publish_before=lambda: self._publish_status(link, "offline"))
+        else:
+            link.close()
+
+    # --- main loop ---------------------------------------------------------------
+
+    def run(self, record: StateRecord) -> tuple[StateRecord, SessionOutcome]:
+        while not self.stop.is_set():
+            version = self.certs.live_version()
+            if version is None:
+                return record, SessionOutcome.REPROVISION
+            meta = self.certs.meta(version)
+            if time.time() >= float(meta.get("not_after", 0)):
+                log.warning("%s", format_fields(event="certificate_expired", version=version))
+                return record, SessionOutcome.REPROVISION
+            if record.state == AgentState.RENEWING and record.renew_version is not None:
+                link, record = self._finish_renewal(None, record)
+            else:
+                link = None
+            try:
+                if link is None:
+                    link = self._connect(version)
+            except LinkError as exc:
+                if exc.cert_rejected:
+                    log.warning("%s", format_fields(event="certificate_refused", error=exc.message))
+                    return record, SessionOutcome.REPROVISION
+                delay = self.backoff.next_delay()
+                log.warning(
+                    "%s",
+                    format_fields(
+                        event="connect_failed", error=exc.message, retry_in=f"{delay:.1f}"
+                    ),
+                )
+                if self.sleep(delay):
+                    break
+                continue
+            self.backoff.reset()
+            if record.state == AgentState.CERT_STORED:
+                record = self.states.transition(record, AgentState.ACTIVE, "connected")
+                self.certs.prune(keep=1)  # a re-provisioned device's old certificate is revoked
+            link, record = self._serve(link, record)
+            if self.stop.is_set():
+                self._close(link, offline=True)
+                log.info("%s", format_fields(event="stopped", client=self.client_id))
+                return record, SessionOutcome.STOPPED
+            rejected = link.cert_rejected
+            log.warning("%s", format_fields(event="connection_lost", error=link.last_error))
+            link.close()
+            if rejected:
+                return record, SessionOutcome.REPROVISION
+            if self.sleep(self.backoff.next_delay()):
+                break
+        return record, SessionOutcome.STOPPED
+
+    def _serve(self, link: MqttLink, record: StateRecord) -> tuple[MqttLink, StateRecord]:
+        """Heartbeat and renew while connected; return when the link drops or stop is set."""
+        next_heartbeat = time.monotonic() + self.timing.heartbeat_s
+        while link.connected and not self.stop.is_set():
+            self.tick()
+            if time.monotonic() >= next_heartbeat:
+                try:
+                    self._publish_status(link, "online")
+                except LinkError:
+                    continue  # the loop sees the dropped link
+                next_heartbeat = time.monotonic() + self.timing.heartbeat_s
+            if self._renewal_due(record):
+                link, record = self._renew(link, record)
+                continue
+            self.stop.wait(min(1.0, max(0.05, next_heartbeat - time.monotonic())))
+        return link, record
+
+    # --- renewal -------------------------------------------------------------------
+
+    def _renewal_due(self, record: StateRecord) -> bool:
+        if time.monotonic() < self._next_renew_try:
+            return False
+        if record.state == AgentState.RENEWING:
+            return True
+        version = self.certs.live_version()
+        if version is None:
+            return False
+        return time.time() >= renew_at(self.certs.meta(version), self.timing.renew_fraction)
+
+    def _renew(self, link: MqttLink, record: StateRecord) -> tuple[MqttLink, StateRecord]:
+        try:
+            if record.state != AgentState.RENEWING or record.key_slot is None:
+                record, slot = self.states.next_slot(record)
+                self.keystore.generate(slot)
+                csr = self.keystore.build_csr(slot, self.client_id, self.identity.mac).decode()
+                record = self.states.transition(
+                    record, AgentState.RENEWING, "renewal due", key_slot=slot, csr=csr
+                )
+            if record.renew_version is None:
+                assert record.csr is not None and record.key_slot is not None
+                raw = link.request(
+                    protocol.renew_topic(self.client_id),
+                    protocol.encode({"op": "renew", "csr": record.csr}),
+                    protocol.renew_response_topic(self.client_id),
+                    self.timing.request_timeout_s,
+                )
+                response = protocol.parse_response(raw)
+                if response.error is not None:
+                    raise ProvisioningRejected(response.error)
+                issued = parse_issued(response.fields)
+                version = store_certificate(
+                    self.certs, self.keystore, record.key_slot, self.client_id, issued
+                )
+                record = self.states.update(record, renew_version=version)
+        except ProvisioningRejected as exc:
+            return link, self._renew_failed(record, exc.error.code, exc.error.message)
+        except LinkError as exc:
+            self._renew_failed(record, ErrorCode.UNAVAILABLE, exc.message)
+            return link, record
+        link.close()  # clean DISCONNECT: no last will, the retained status stays "online"
+        new_link, record = self._finish_renewal(link, record)
+        if new_link is not None:
+            return new_link, record
+        try:  # the new certificate did not connect; the old one is still live
+            return self._connect(self.certs.live_version() or 0), record
+        except LinkError:
+            return link, record  # closed: the main loop reconnects with backoff
+
+    def _finish_renewal(
+        self, old: MqttLink | None, record: StateRecord
+    ) -> tuple[MqttLink | None, StateRecord]:
+        """Connect with the staged certificate, confirm it, make it live."""
+        version = record.renew_version
+        assert version is not None
+        serial = str(self.certs.meta(version).get("serial"))
+        try:
+            link = self._connect(version)
+        except LinkError as exc:
+            if exc.cert_rejected:  # the server will not take it: drop it, renew again later
+                record = self._drop_renewal(record, f"new certificate refused: {exc.message}")
+            else:
+                self._renew_failed(record, ErrorCode.UNAVAILABLE, exc.message)
+            return None, record
+        try:
+            raw = link.request(
+                protocol.renew_topic(self.client_id),
+                protocol.encode({"op": "renew-confirm", "serial": serial}),
+                protocol.renew_response_topic(self.client_id),
+                self.timing.request_timeout_s,
+            )
+            response = protocol.parse_response(raw)
+            if response.error is not None:
+                log.warning(
+                    "%s",
+                    format_fields(event="renew_confirm_refused", error=str(response.error)),
+                )
+        except LinkError as exc:
+            # The new certificate works; the server learns the serial from the next confirm
+            # or from the connection itself. Not a reason to keep the old one live.
+            log.warning("%s", format_fields(event="renew_confirm_failed", error=exc.message))
+        self.certs.activate(version)
+        slot = record.key_slot
+        record = self.states.transition(
+            record,
+            AgentState.ACTIVE,
+            "renewed",
+            cert_version=version,
+            cert_serial=serial,
+            renew_version=None,
+            key_slot=None,
+            csr=None,
+        )
+        if slot is not None:
+            self.keystore.delete(slot)  # the version holds its own link to the key
+        self.certs.prune(keep=1)
+        self.renew_backoff.reset()
+        self._next_renew_try = 0.0
+        return link, record
+
+    def _renew_failed(self, record: StateRecord, code: ErrorCode, message: str) -> StateRecord:
+        delay = self.renew_backoff.next_delay()
+        self._next_renew_try = time.monotonic() + delay
+        log.warning(
+            "%s",
+            format_fields(
+                event="renew_failed", code=code.value, error=message, retry_in=f"{delay:.1f}"
+            ),
+        )
+        if code == ErrorCode.CSR_INVALID or not code.retryable:
+            return self._drop_renewal(record, f"{code.value}: {message}")
+        return record
+
+    def _drop_renewal(self, record: StateRecord, reason: str) -> StateRecord:
+        slot = record.key_slot
+        record = self.states.transition(
+            record, AgentState.ACTIVE, reason, key_slot=None, csr=None, renew_version=None
+        )
+        if slot is not None:
+            try:
+                self.keystore.delete(slot)
+            except AgentError as exc:
+                log.warning("%s", format_fields(event="key_delete_failed", error=exc.message))
+        if self._next_renew_try <= time.monotonic():
+            self._next_renew_try = time.monotonic() + self.renew_backoff.next_delay()
+        return record
