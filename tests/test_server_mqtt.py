@@ -1,0 +1,306 @@
+"""The provisioning server on a real Mosquitto with real TLS, and a real database."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bson import ObjectId
+
+from agent import protocol
+from server.broker_config import BrokerLayout, reload_broker, start_local_broker, write_broker_files
+from server.ca import CertificateAuthority
+from server.certificates import CertificateRecords
+from server.db import Database
+from server.devices import DeviceRepository
+from server.local_services import MosquittoBroker
+from server.mqtt_service import BrokerEndpoint, ProvisioningServer
+from server.provisioning import ProvisioningService, ServicePolicy
+from server.schema import DEVICE_CERTIFICATES, DEVICES, USERS
+from tests.device_kit import DeviceKit
+from tests.mqtt_device import MqttDevice, write_identity
+
+
+@pytest.fixture(scope="module")
+def mqtt_ca(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
+    return CertificateAuthority.init(tmp_path_factory.mktemp("ca") / "ca")
+
+
+@pytest.fixture
+def local_broker(
+    tmp_path: Path, mqtt_ca: CertificateAuthority
+) -> Iterator[tuple[MosquittoBroker, BrokerLayout]]:
+    broker, layout = start_local_broker(tmp_path / "broker", mqtt_ca)
+    try:
+        yield broker, layout
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def server(
+    database: Database,
+    mqtt_ca: CertificateAuthority,
+    local_broker: tuple[MosquittoBroker, BrokerLayout],
+) -> Iterator[ProvisioningServer]:
+    _, layout = local_broker
+    service = ProvisioningService(database, mqtt_ca, ServicePolicy(status_write_interval=0.0))
+    running = ProvisioningServer(service, mqtt_ca, BrokerEndpoint("127.0.0.1", layout.server_port))
+    running.start()
+    assert running.wait_connected(10)
+    time.sleep(0.2)  # SUBACK
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def allocated_device(database: Database, ca: CertificateAuthority, n: int) -> DeviceKit:
+    kit = DeviceKit(f"board-{n}", f"02:00:00:00:01:{n:02X}", ca)
+    repo = DeviceRepository(database)
+    repo.add(kit.mac, kit.client_id)
+    user = ObjectId()
+    database.collection(USERS).insert_one({"_id": user, "email": f"u{n}@example.com"})
+    repo.allocate(kit.client_id, str(user))
+    return kit
+
+
+def birth_session(kit: DeviceKit, layout: BrokerLayout, ca: CertificateAuthority) -> MqttDevice:
+    device = MqttDevice(
+        kit.client_id, layout.provisioning_port, ca.paths.root_cert, kit.birth_pem, kit.birth_key
+    )
+    device.connect()
+    device.subscribe(protocol.response_topic(kit.client_id))
+    return device
+
+
+def status_of(database: Database, client_id: str) -> object:
+    doc = database.collection(DEVICES).find_one({"clientId": client_id})
+    return None if doc is None else doc.get("status")
+
+
+def wait_for(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+def test_device_provisions_goes_active_and_is_refused_after_revocation(
+    database: Database,
+    mqtt_ca: CertificateAuthority,
+    server: ProvisioningServer,
+    local_broker: tuple[MosquittoBroker, BrokerLayout],
+    tmp_path: Path,
+) -> None:
+    broker, layout = local_broker
+    kit = allocated_device(database, mqtt_ca, 1)
+    device = birth_session(kit, layout, mqtt_ca)
+    token = device.request(kit.token_request())
+    assert token["ok"], token
+    issued = device.request(kit.csr_request(token["token"]))
+    assert issued["ok"], issued
+    device.close()
+
+    will = protocol.encode({"status": "offline"})
+    operational = MqttDevice(
+        kit.client_id,
+        layout.operational_port,
+        mqtt_ca.paths.root_cert,
+        issued["certificate"],
+        kit.key,
+        will=will,
+    )
+    operational.connect()
+    code = operational.publish(
+        protocol.status_topic(kit.client_id), protocol.encode({"status": "online"}), retain=True
+    )
+    assert not code.is_failure
+    wait_for(lambda: status_of(database, kit.client_id) == "ACTIVE")
+    # The will (an unclean end: the socket is dropped) makes it OFFLINE.
+    operational.client.socket().close()  # type: ignore[union-attr]
+    wait_for(lambda: status_of(database, kit.client_id) == "OFFLINE")
+    operational.close()
+
+    # A client other than ours connects with the issued certificate ...
+    cert_path, key_path = write_identity(tmp_path / "pub", issued["certificate"], kit.key)
+    mosquitto_pub = [
+        "mosquitto_pub",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(layout.operational_port),
+        "--cafile",
+        str(mqtt_ca.paths.root_cert),
+        "--cert",
+        str(cert_path),
+        "--key",
+        str(key_path),
+        "-V",
+        "mqttv5",
+        "-q",
+        "1",
+        "-t",
+        protocol.status_topic(kit.client_id),
+        "-m",
+        '{"v":1,"status":"online"}',
+    ]
+    assert subprocess.run(mosquitto_pub, capture_output=True, timeout=20).returncode == 0
+    # ... and is refused once the certificate is revoked and the broker reloaded.
+    records = CertificateRecords(database)
+    assert records.revoke_current(kit.client_id, "test") == issued["serial"]
+    write_broker_files(layout, [], [kit.client_id], mqtt_ca.build_crl(records.revoked_serials()))
+    reload_broker(layout)
+    deadline = time.monotonic() + 10
+    while True:
+        refused = subprocess.run(mosquitto_pub, capture_output=True, timeout=20)
+        if refused.returncode != 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert refused.returncode != 0, broker.log_text()
+
+
+def test_request_on_another_devices_topic_is_refused_by_the_broker(
+    database: Database,
+    mqtt_ca: CertificateAuthority,
+    server: ProvisioningServer,
+    local_broker: tuple[MosquittoBroker, BrokerLayout],
+) -> None:
+    _, layout = local_broker
+    kit = allocated_device(database, mqtt_ca, 2)
+    victim = allocated_device(database, mqtt_ca, 3)
+    device = birth_session(kit, layout, mqtt_ca)
+    before = database.collection(DEVICES).find_one({"clientId": victim.client_id})
+    code = device.publish(
+        protocol.request_topic(victim.client_id),
+        victim.token_request(),
+        response_topic=protocol.response_topic(victim.client_id),
+    )
+    assert code.value == 135, code  # Not authorized
+    time.sleep(0.3)
+    assert database.collection(DEVICES).find_one({"clientId": victim.client_id}) == before
+    device.close()
+
+
+def test_garbage_on_the_wire_gets_an_error_and_the_server_survives(
+    database: Database,
+    mqtt_ca: CertificateAuthority,
+    server: ProvisioningServer,
+    local_broker: tuple[MosquittoBroker, BrokerLayout],
+) -> None:
+    _, layout = local_broker
+    kit = allocated_device(database, mqtt_ca, 4)
+    device = birth_session(kit, layout, mqtt_ca)
+    for payload, code in (
+        (b"\x00\xff", "BAD_REQUEST"),
+        (b"[]", "BAD_REQUEST"),
+        (b'{"v":1,"op":"x"}', "UNKNOWN_OP"),
+    ):
+        answer = device.request(payload)
+        assert answer["error"]["code"] == code
+    assert device.request(kit.token_request())["ok"]
+    device.close()
+
+
+def run_server_process(
+    ca: CertificateAuthority, layout: BrokerLayout, uri: str, log: Path
+) -> subprocess.Popen[bytes]:
+    exe = Path(sys.executable).with_name("provision-server")
+    argv = [
+        str(exe),
+        "--mongodb-uri",
+        uri,
+        "run",
+        "--ca-dir",
+        str(ca.paths.directory),
+        "--broker-host",
+        "127.0.0.1",
+        "--broker-port",
+        str(layout.server_port),
+    ]
+    with log.open("ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+
+
+def test_two_server_processes_answer_each_request_once(
+    database: Database,
+    mongodb_uri: str,
+    mqtt_ca: CertificateAuthority,
+    local_broker: tuple[MosquittoBroker, BrokerLayout],
+    tmp_path: Path,
+) -> None:
+    _, layout = local_broker
+    procs = [
+        run_server_process(mqtt_ca, layout, mongodb_uri, tmp_path / f"s{i}.log") for i in range(2)
+    ]
+    try:
+        kits = [allocated_device(database, mqtt_ca, 10 + i) for i in range(6)]
+        time.sleep(2.0)  # both connected and subscribed
+        for kit in kits:
+            device = birth_session(kit, layout, mqtt_ca)
+            token = device.request(kit.token_request(), timeout=15)
+            assert token["ok"], token
+            assert device.request(kit.csr_request(token["token"]), timeout=15)["ok"]
+            time.sleep(0.3)
+            assert device.responses.empty(), "a request was answered twice"
+            device.close()
+        logs = [(tmp_path / f"s{i}.log").read_text() for i in range(2)]
+        handled = [log.count("event=request op=") for log in logs]
+        assert sum(handled) == 12 and all(h > 0 for h in handled), handled
+        for log in logs:
+            assert "sha256:" not in log
+            assert "BEGIN" not in log
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            assert proc.wait(timeout=30) == 0
+
+
+def test_server_killed_during_signing_converges_on_one_active_certificate(
+    database: Database,
+    mongodb_uri: str,
+    mqtt_ca: CertificateAuthority,
+    local_broker: tuple[MosquittoBroker, BrokerLayout],
+    tmp_path: Path,
+) -> None:
+    _, layout = local_broker
+    kits = [allocated_device(database, mqtt_ca, 20 + i) for i in range(8)]
+    proc = run_server_process(mqtt_ca, layout, mongodb_uri, tmp_path / "a.log")
+    time.sleep(1.5)
+    sessions = [birth_session(kit, layout, mqtt_ca) for kit in kits]
+    tokens = [
+        s.request(k.token_request(), timeout=15)["token"]
+        for s, k in zip(sessions, kits, strict=True)
+    ]
+    # Fire all CSRs, then SIGKILL the server while it works through them.
+    for session, kit, token in zip(sessions, kits, tokens, strict=True):
+        session.client.publish(protocol.request_topic(kit.client_id), kit.csr_request(token), qos=1)
+    time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    proc = run_server_process(mqtt_ca, layout, mongodb_uri, tmp_path / "b.log")
+    try:
+        time.sleep(1.5)
+        for session, kit, token in zip(sessions, kits, tokens, strict=True):
+            answer = session.request(kit.csr_request(token), timeout=15)  # the device retries
+            assert answer["ok"], answer
+            doc = database.collection(DEVICES).find_one({"clientId": kit.client_id})
+            assert doc is not None and doc["crt"] == answer["certificate"]
+            records = list(
+                database.collection(DEVICE_CERTIFICATES).find(
+                    {"device_id": kit.client_id, "status": "active"}
+                )
+            )
+            assert len(records) == 1 and records[0]["serial"] == answer["serial"]
+            session.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
