@@ -22,6 +22,7 @@ import click
 
 from agent.config import AgentConfig, load_config
 from agent.errors import AgentError
+from agent.factory_console import factory_console_command
 
 STATE_ENTRIES = ("identity.json", "state.json", "keys", "certs", "birth", "ca-chain.pem")
 
@@ -204,6 +205,8 @@ def reset_state(state_dir: Path) -> list[str]:
         shutil.rmtree(leftover, ignore_errors=True)
     return removed
 
+
+main.add_command(factory_console_command)
 
 if __name__ == "__main__":
     main()

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent import factory_commands as fc
 from agent.birth import BirthIdentity, Endpoints
+from agent.cli import reset_state
 from agent.factory_commands import BoardLocked, CertificateMismatch, Command, IdentityState
 from agent.factory_console import FactoryConsole
 from agent.protocol import ErrorCode
@@ -201,3 +202,19 @@ def test_locked_board_refuses_over_a_real_pty(
             thread.join(timeout=5)
             board_port.close()
             station_port.close()
+
+
+def test_reset_unlocks_a_finalized_board_with_a_new_key(
+    tmp_path: Path, factory_ca: CertificateAuthority
+) -> None:
+    board = make_board(tmp_path)
+    console = board.console()
+    call(console, Command.COMMIT, {"sha256": staged_items(console, factory_ca, "dev-a").decode()})
+    call(console, Command.FINALIZE, {})
+    old_key = (board.state_dir / "keys" / "birth.key").read_bytes()
+    reset_state(board.state_dir)
+    assert console.state() is IdentityState.NONE
+    call(console, Command.COMMIT, {"sha256": staged_items(console, factory_ca, "dev-b").decode()})
+    identity = BirthIdentity.load(board.state_dir)
+    assert identity is not None and identity.client_id == "dev-b" and not identity.finalized
+    assert (board.state_dir / "keys" / "birth.key").read_bytes() != old_key

@@ -91,7 +91,15 @@ def start_console(board: BoardFiles, path: str, log: Path) -> subprocess.Popen[b
     env = {k: v for k, v in os.environ.items() if k != "PROVISION_AGENT_CONFIG"}
     with log.open("ab") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "agent.factory_console", "--port", path, *board.cli_args()],
+            [
+                sys.executable,
+                "-m",
+                "agent.cli",
+                "factory-console",
+                "--port",
+                path,
+                *board.cli_args(),
+            ],
             cwd=REPO,
             env=env,
             stdout=subprocess.DEVNULL,
