@@ -342,3 +342,16 @@ def test_cli_program_and_batch_with_reports(
     assert len(devices(database)) == 3
     bad = runner.invoke(station_main, ["program", "--port", "x", "--config", str(tmp_path / "no")])
     assert bad.exit_code == 2 and "cannot read station config" in bad.stderr
+
+
+def test_second_station_on_the_same_port_is_refused(
+    station_config: StationConfig, factory_ca: CertificateAuthority, database: Database
+) -> None:
+    with LineProxy() as proxy:
+        first_station = open_port(proxy.station_path)  # holds the exclusive lock
+        try:
+            result = programmer(station_config, factory_ca, database).program(proxy.station_path)
+        finally:
+            first_station.close()
+    assert result.result == "failed" and result.error is not None
+    assert "another station on this port?" in result.error
