@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
 
+from server.ca import CertificateAuthority
 from server.db import Database
 from server.local_services import MongoWireServer
+from tests.broker_fixture import LocalBroker
 
 
 def with_database(uri: str, name: str) -> str:
@@ -60,3 +62,40 @@ def database(mongodb_uri: str) -> Iterator[Database]:
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+# --- broker fixtures (server.broker_config): a CA per session, a Mosquitto per test ---------
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Keep each phase's report on the item, so fixtures can tell whether the test failed."""
+    report: pytest.TestReport = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
+@pytest.fixture(scope="session")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
+    """One CA for the whole run (creating it costs a few key generations)."""
+    return CertificateAuthority.init(tmp_path_factory.mktemp("ca") / "pki")
+
+
+@pytest.fixture
+def broker(
+    request: pytest.FixtureRequest, tmp_path: Path, ca: CertificateAuthority, database: Database
+) -> Iterator[LocalBroker]:
+    """A fresh Mosquitto (≈ 0.06 s to start) whose files come from the test's database.
+
+    When the test fails, the broker's log is printed (pytest shows it with the failure).
+    """
+    local = LocalBroker(tmp_path, ca, database)
+    try:
+        yield local
+    finally:
+        local.stop()
+        report = getattr(request.node, "report_call", None)
+        if report is not None and report.failed:
+            print(f"--- mosquitto log ({local.layout.log_path}) ---\n{local.log_text()}")
