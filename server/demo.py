@@ -1,8 +1,9 @@
 """The README's main job: the whole story on embedded defaults, nothing to configure.
 
-Today it runs what exists: a local MongoDB-wire server (or MONGODB_URI), the
-web app's schema, a few boards registered UNALLOCATED, allocation to a user,
-and the devices as the database holds them.
+A local MongoDB-wire server (or MONGODB_URI), Mosquitto with generated TLS,
+`provision-server run`, a few simulated boards with their birth identity and
+registered UNALLOCATED, allocation to a user, agents provisioning to ACTIVE,
+one agent stopped (OFFLINE), and the fleet as the database holds it.
 """
 
 from __future__ import annotations
@@ -11,16 +12,17 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
 import click
 
 from server.cli_output import DEVICE_HEADERS, device_row, table
-from server.db import Database
-from server.devices import DeviceRepository
+from server.devices import DeviceRepository, utcnow
 from server.errors import DeviceConflict, ServerError
-from server.local_services import MongoWireServer
+from server.schema import DeviceStatus
+from server.simulated_fleet import LocalStack, SimulatedBoard
 from server.users import UserRepository
 
 BOARDS = (
@@ -31,11 +33,19 @@ BOARDS = (
 
 
 def step(text: str) -> None:
-    click.echo(click.style("==> ", fg="cyan", bold=True) + text)
+    click.echo(click.style("==> ", fg="cyan", bold=True) + text, err=True)
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise ServerError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,52 +54,94 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     type=click.Path(path_type=Path, file_okay=False),
     default=Path("demo-state"),
     show_default=True,
-    help="Where the demo keeps its database files and logs (reused by the next run).",
+    help="Where the demo keeps its database, CA, broker files and logs (reused next run).",
 )
-def main(workdir: Path) -> None:
+@click.option(
+    "--keep-running/--no-keep-running",
+    default=None,
+    help="Keep the services up until Ctrl-C (default: when stdin is a terminal).",
+)
+def main(workdir: Path, keep_running: bool | None) -> None:
     """Run the provisioning demo on embedded defaults and show the fleet."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
     started = time.monotonic()
-    mongo: MongoWireServer | None = None
+    run_start = utcnow()
+    stack: LocalStack | None = None
+    boards: list[SimulatedBoard] = []
     try:
-        uri = os.environ.get("MONGODB_URI")
-        if uri:
-            step("using MONGODB_URI")
-        else:
-            step("starting the local MongoDB-wire server (secantusd-py)")
-            mongo = MongoWireServer(workdir.resolve() / "mongo").start()
-            uri = mongo.uri + "device_provisioning_demo"
-        database = Database(uri)
-        report = database.init()
-        step(f"schema ready ({len(report.created)} indexes created, {len(report.present)} present)")
-        devices = DeviceRepository(database)
+        step("starting MongoDB-wire server, CA, Mosquitto (3 TLS listeners), ACL/CRL sync")
+        stack = LocalStack.start(workdir, os.environ.get("MONGODB_URI"))
+        stack.start_server()
+        step(f"provision-server run is up (database {stack.database.safe_uri})")
+        devices = DeviceRepository(stack.database)
         for mac, client_id in BOARDS:
+            board = SimulatedBoard(stack.workdir / "boards" / client_id, client_id, mac)
+            board.prepare()
+            board.factory_identity(stack.ca, stack.endpoints)
             try:
                 devices.add(mac, client_id)
-                step(f"registered {client_id} ({mac}) as UNALLOCATED")
+                step(f"factory: {client_id} ({mac}) has its birth certificate, UNALLOCATED")
             except DeviceConflict:
-                step(f"{client_id} is already registered (second run)")
-        owner = UserRepository(database).add("demo-owner@example.com", "Demo Owner")
-        for _mac, client_id in BOARDS[:2]:
-            doc = devices.find(client_id)
-            if doc["status"] == "UNALLOCATED":
-                devices.allocate(client_id, str(owner["_id"]))
-                step(f"allocated {client_id} to {owner['email']}")
+                step(f"factory: {client_id} already registered (a second run)")
+            boards.append(board)
+        owner = UserRepository(stack.database).add("demo-owner@example.com", "Demo Owner")
+        for board in boards:
+            board.start_agent()
+        step("agents started; they wait while their device is UNALLOCATED")
+        for board in boards:
+            doc = devices.find(board.client_id)
+            if doc["status"] == DeviceStatus.UNALLOCATED.value:
+                devices.allocate(board.client_id, str(owner["_id"]))
+            step(f"allocated {board.client_id} to {owner['email']}")
+
+        def active_count() -> int:
+            # Fresh this run: a second run must not count the last run's statuses.
+            docs = [devices.find(b.client_id) for b in boards]
+            return sum(
+                d["status"] == "ACTIVE" and d.get("lastSeenAt", run_start) > run_start for d in docs
+            )
+
+        wait_until("every board ACTIVE", lambda: active_count() == len(boards), 90)
+        step(f"all {len(boards)} boards ACTIVE over mTLS")
+        last = boards[-1]
+        last.stop_agent()
+        wait_until(
+            f"{last.client_id} OFFLINE",
+            lambda: devices.find(last.client_id)["status"] == "OFFLINE",
+            30,
+        )
+        step(f"stopped the agent of {last.client_id}: OFFLINE through its clean disconnect")
+
         click.echo()
         click.echo(table([device_row(d) for d in devices.list()], DEVICE_HEADERS))
         click.echo()
-        click.echo(f"done in {time.monotonic() - started:.1f} s. Look further with:")
-        click.echo(f"  .venv/bin/provision-server --mongodb-uri {database.safe_uri} device list")
-        database.close()
+        first = boards[0]
+        live = first.state_dir / "certs" / "live"
+        click.echo(f"done in {time.monotonic() - started:.1f} s. Look further (while it runs):")
+        click.echo(
+            f"  .venv/bin/provision-server --mongodb-uri {stack.database.safe_uri} device list"
+        )
+        click.echo(f"  .venv/bin/provision-agent status --config {first.config_path}")
+        click.echo(
+            f"  mosquitto_sub -h 127.0.0.1 -p {stack.layout.operational_port} -V mqttv5 "
+            f"--cafile {stack.ca.paths.root_cert} --cert {live}/cert.pem "
+            f"--key {live}/key.pem -i {first.client_id}-sub -t 'devices/{first.client_id}/#' -v"
+        )
+        if keep_running is None:
+            keep_running = sys.stdin.isatty()
+        if keep_running:
+            click.echo("services keep running; press Ctrl-C to stop everything", err=True)
+            signal.pause()
     except ServerError as exc:
         click.echo(f"demo failed: {exc.message}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        click.echo("interrupted; stopping what the demo started", err=True)
-        sys.exit(130)
+        click.echo("stopping what the demo started", err=True)
     finally:
-        if mongo is not None:
-            mongo.stop()
+        for board in boards:
+            board.stop_agent()
+        if stack is not None:
+            stack.stop()
 
 
 if __name__ == "__main__":
