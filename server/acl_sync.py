@@ -153,6 +153,7 @@ class AclSync:
         self.syncs = 0
         self.reloads = 0
         self._lock = threading.Lock()
+        self._reload_pending = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -162,11 +163,20 @@ class AclSync:
         """Regenerate the files now; SIGHUP the broker if one changed. True if changed."""
         with self._lock:
             state = read_broker_state(self.database)
-            crl = self._crl_if_needed(state)
-            changed = write_broker_files(self.layout, state.acl_docs, state.revoked_device_ids, crl)
+            changed = write_broker_files(
+                self.layout,
+                state.acl_docs,
+                state.revoked_device_ids,
+                self._crl_if_needed(state),
+                self._factory_crl_if_needed(),
+            )
             self.syncs += 1
-            if changed:
+            if changed or self._reload_pending:
+                # Stays pending if the SIGHUP fails, so the next sync retries it although
+                # the files no longer change.
+                self._reload_pending = True
                 reload_broker(self.layout)
+                self._reload_pending = False
                 self.reloads += 1
                 log.info(
                     "event=acl_sync_applied devices=%d revoked_devices=%d revoked_serials=%d",
