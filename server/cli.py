@@ -325,3 +325,89 @@ def run(
         broker_config_dir=broker_config_dir,
     )
     run_service(config, verbose=verbose)
+
+
+# --- broker ------------------------------------------------------------------
+
+
+@main.command("broker-config")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="Directory for mosquitto.conf, ACL files and the CRL.",
+)
+@click.option("--ca-dir", type=click.Path(path_type=Path), required=True, help="CA directory.")
+@click.option(
+    "--provisioning-port",
+    type=click.IntRange(1, 65535),
+    default=8883,
+    show_default=True,
+    help="Listener for birth certificates.",
+)
+@click.option(
+    "--operational-port",
+    type=click.IntRange(1, 65535),
+    default=8884,
+    show_default=True,
+    help="Listener for operational certificates (with CRL).",
+)
+@click.option(
+    "--server-port",
+    type=click.IntRange(1, 65535),
+    default=8885,
+    show_default=True,
+    help="Loopback listener for the server's own identity.",
+)
+@click.option(
+    "--bind",
+    default="0.0.0.0",  # noqa: S104 (devices connect from the network)
+    show_default=True,
+    help="Address of the two device listeners.",
+)
+@click.option("--run-as", default=None, help="Mosquitto's `user` option.")
+@pass_state
+def broker_config(
+    state: CliState,
+    out_dir: Path,
+    ca_dir: Path,
+    provisioning_port: int,
+    operational_port: int,
+    server_port: int,
+    bind: str,
+    run_as: str | None,
+) -> None:
+    """Write a working Mosquitto config with ACLs and CRL from the database.
+
+    Start Mosquitto with `mosquitto -c OUT/mosquitto.conf`; `provision-server run
+    --broker-config-dir OUT` then keeps the ACL and CRL in sync (SIGHUP, no restart).
+    """
+    from server.acl_sync import read_broker_state
+    from server.broker_config import BrokerLayout, write_broker_files
+    from server.broker_layout_file import save_layout
+    from server.ca import CertificateAuthority
+
+    ca = CertificateAuthority.load(ca_dir)
+    layout = BrokerLayout(
+        directory=out_dir.resolve(),
+        ca=ca.paths,
+        provisioning_port=provisioning_port,
+        operational_port=operational_port,
+        server_port=server_port,
+        device_bind=bind,
+        run_as=run_as,
+    )
+    broker_state = read_broker_state(state.database)
+    write_broker_files(
+        layout,
+        broker_state.acl_docs,
+        broker_state.revoked_device_ids,
+        broker_state.crl_pem(ca),
+        ca.build_crl([], issuer="factory"),
+    )
+    save_layout(layout)
+    click.echo(
+        f"wrote {layout.conf_path} (listeners: provisioning {provisioning_port}, "
+        f"operational {operational_port}, server 127.0.0.1:{server_port})"
+    )

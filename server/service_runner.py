@@ -58,6 +58,12 @@ def run_service(config: ServerConfig, *, verbose: bool = False) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    sync = None
+    if config.broker_config_dir is not None:
+        from server.acl_sync import AclSync
+        from server.broker_layout_file import load_layout
+
+        sync = AclSync(database, ca, load_layout(config.broker_config_dir)).start()
     server.start()
     log.info(
         "event=started database=%s broker=%s:%d",
@@ -68,4 +74,6 @@ def run_service(config: ServerConfig, *, verbose: bool = False) -> None:
     stop.wait()
     log.info("event=stopping")
     server.stop()
+    if sync is not None:
+        sync.stop()
     database.close()

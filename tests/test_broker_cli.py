@@ -1,0 +1,80 @@
+"""`provision-server broker-config`, `run --broker-config-dir` and `device revoke` together."""
+
+from __future__ import annotations
+
+import getpass
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent import protocol
+from server.broker_layout_file import load_layout
+from server.ca import CertificateAuthority
+from server.db import Database
+from server.local_services import MosquittoBroker, free_port
+from tests.mqtt_device import write_identity
+from tests.test_server_mqtt import allocated_device, birth_session, status_of, wait_for
+
+BIN = Path(sys.executable).parent
+
+
+def cli(uri: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "provision-server"), "--mongodb-uri", uri, *args],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+def test_broker_config_then_revoke_refuses_the_device_without_restart(
+    database: Database, mongodb_uri: str, tmp_path: Path
+) -> None:
+    ca_dir = tmp_path / "ca"
+    assert cli(mongodb_uri, "ca", "init", "--dir", str(ca_dir)).returncode == 0
+    ca = CertificateAuthority.load(ca_dir)
+    ports = [free_port(), free_port(), free_port()]
+    out = tmp_path / "broker"
+    made = cli(mongodb_uri, "broker-config", "--out", str(out), "--ca-dir", str(ca_dir),
+               "--provisioning-port", str(ports[0]), "--operational-port", str(ports[1]),
+               "--server-port", str(ports[2]), "--bind", "127.0.0.1",
+               "--run-as", getpass.getuser())  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    layout = load_layout(out)
+    broker = MosquittoBroker(out, layout.conf_path, layout.ports).start()
+    with (tmp_path / "server.log").open("ab") as log:
+        server = subprocess.Popen(
+            [str(BIN / "provision-server"), "--mongodb-uri", mongodb_uri, "run", "--ca-dir",
+             str(ca_dir), "--broker-port", str(ports[2]), "--broker-config-dir", str(out)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        kit = allocated_device(database, ca, 40)
+        time.sleep(1.5)
+        device = birth_session(kit, layout, ca)
+        token = device.request(kit.token_request(), timeout=15)
+        issued = device.request(kit.csr_request(token["token"]), timeout=15)
+        assert issued["ok"], issued
+        device.close()
+        cert, key = write_identity(tmp_path / "dev", issued["certificate"], kit.key)
+        pub = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(ports[1]), "--cafile",
+               str(ca.paths.root_cert), "--cert", str(cert), "--key", str(key), "-V", "mqttv5",
+               "-q", "1", "-t", protocol.status_topic(kit.client_id), "-m",
+               '{"v":1,"status":"online"}']  # fmt: skip
+        assert subprocess.run(pub, capture_output=True, timeout=20).returncode == 0
+        wait_for(lambda: status_of(database, kit.client_id) == "ACTIVE")
+        revoked = cli(mongodb_uri, "device", "revoke", kit.client_id)
+        assert revoked.returncode == 0, revoked.stderr
+        assert issued["serial"] in revoked.stdout
+        assert status_of(database, kit.client_id) == "ERROR"
+        deadline = time.monotonic() + 15
+        while subprocess.run(pub, capture_output=True, timeout=20).returncode == 0:
+            if time.monotonic() > deadline:
+                pytest.fail("the broker still accepts the revoked certificate:\n"
+                            + broker.log_text())  # fmt: skip
+            time.sleep(0.3)
+        again = cli(mongodb_uri, "device", "revoke", kit.client_id)
+        assert again.returncode == 1 and "no active certificate" in again.stderr
+    finally:
+        server.terminate()
+        assert server.wait(timeout=30) == 0
+        broker.stop()
