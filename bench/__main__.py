@@ -1,0 +1,222 @@
+"""``python -m bench``: fleet provisioning benchmark on real services, printed as a table.
+
+Progress goes to stderr. The table goes to stdout; with ``--json`` stdout holds the JSON
+report instead and the table goes to stderr. Exit status 1 if any device of the run did
+not reach ACTIVE in the database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.provisioning_rate import BenchStack, FleetResult, first_boot_to_active, median, run_fleet
+from bench.signing_rate import SigningRate, measure_signing_rate
+
+TARGET_RATE = 100.0
+TARGET_FIRST_BOOT_S = 1.0
+
+
+def progress(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "database": "MONGODB_URI" if os.environ.get("MONGODB_URI") else "secantusd-py (embedded)",
+    }
+
+
+@dataclass(frozen=True)
+class Row:
+    metric: str
+    value: str
+    target: str = ""
+    met: bool | None = None
+
+    @property
+    def verdict(self) -> str:
+        return "" if self.met is None else ("met" if self.met else "NOT met")
+
+
+@dataclass(frozen=True)
+class Report:
+    ceiling: SigningRate
+    fleet: FleetResult
+    first_boot: list[float]
+    scaled: FleetResult | None
+
+    @property
+    def all_active(self) -> bool:
+        runs = [self.fleet] + ([self.scaled] if self.scaled else [])
+        return all(r.active_in_db == r.devices and not r.failures for r in runs)
+
+    def results(self) -> dict[str, Any]:
+        fleet = self.fleet
+        out: dict[str, Any] = {
+            "ceiling_per_s": round(self.ceiling.per_second, 1),
+            "e2e_devices": fleet.devices,
+            "e2e_active_in_db": fleet.active_in_db,
+            "e2e_failures": list(fleet.failures),
+            "e2e_retries": fleet.retries,
+            "e2e_concurrency": fleet.concurrency,
+            "e2e_seconds": round(fleet.seconds, 3),
+            "e2e_per_s": round(fleet.per_second, 1),
+            "e2e_fraction_of_ceiling": round(fleet.per_second / self.ceiling.per_second, 4),
+            "server_rss_idle_mb": round(fleet.server_rss_idle / 2**20, 1),
+            "server_rss_peak_mb": round(fleet.server_rss_peak / 2**20, 1),
+            "first_boot_samples_s": [round(s, 4) for s in self.first_boot],
+            "first_boot_median_s": round(median(self.first_boot), 4),
+        }
+        for which in ("to_certificate", "to_online"):
+            for pct in (50, 95, 99):
+                out[f"latency_{which}_p{pct}_ms"] = round(fleet.latency(which, pct / 100) * 1000, 1)
+        if self.scaled is not None:
+            out["scaled_servers"] = self.scaled.servers
+            out["scaled_per_s"] = round(self.scaled.per_second, 1)
+            out["scaled_active_in_db"] = self.scaled.active_in_db
+            out["scaling_ratio"] = round(self.scaled.per_second / fleet.per_second, 3)
+        return out
+
+    def rows(self) -> list[Row]:
+        r = self.results()
+        fleet = self.fleet
+
+        def pcts(which: str) -> str:
+            return " / ".join(f"{r[f'latency_{which}_p{p}_ms']:.0f}" for p in (50, 95, 99))
+
+        rows = [
+            Row("CSR check + sign, in-process, 1 thread", f"{r['ceiling_per_s']:.0f} /s"),
+            Row(
+                f"end to end, {fleet.devices} devices, 1 server, {fleet.concurrency} in flight",
+                f"{r['e2e_per_s']:.1f} devices/s",
+                f">= {TARGET_RATE:.0f}/s",
+                r["e2e_per_s"] >= TARGET_RATE,
+            ),
+            Row("end to end / ceiling", f"{100 * r['e2e_fraction_of_ceiling']:.1f} %"),
+            Row("devices ACTIVE in database", f"{fleet.active_in_db}/{fleet.devices}"),
+            Row("latency token -> certificate p50/p95/p99", f"{pcts('to_certificate')} ms"),
+            Row("latency token -> online acked p50/p95/p99", f"{pcts('to_online')} ms"),
+            Row("retries (retryable errors)", str(r["e2e_retries"])),
+            Row(
+                f"first boot to ACTIVE, median of {len(self.first_boot)}",
+                f"{1000 * r['first_boot_median_s']:.0f} ms",
+                f"< {1000 * TARGET_FIRST_BOOT_S:.0f} ms",
+                r["first_boot_median_s"] < TARGET_FIRST_BOOT_S,
+            ),
+            Row(
+                "server RSS idle -> peak during the run",
+                f"{r['server_rss_idle_mb']:.0f} -> {r['server_rss_peak_mb']:.0f} MB",
+            ),
+        ]
+        if self.scaled is not None:
+            rows.append(
+                Row(
+                    f"end to end, {self.scaled.devices} more devices, "
+                    f"{self.scaled.servers} servers",
+                    f"{r['scaled_per_s']:.1f} devices/s "
+                    f"({self.scaled.active_in_db}/{self.scaled.devices} ACTIVE)",
+                )
+            )
+            rows.append(Row("scaling ratio 2 servers / 1", f"{r['scaling_ratio']:.2f}"))
+        return rows
+
+
+def render_table(rows: list[Row], info: dict[str, Any]) -> str:
+    header = ("metric", "value", "target", "")
+    cells = [header, *((r.metric, r.value, r.target, r.verdict) for r in rows)]
+    widths = [max(len(c[i]) for c in cells) for i in range(4)]
+    lines = [
+        f"machine: {info['cpus']} CPUs ({info['cpu_model']}), Python {info['python']}, "
+        f"database {info['database']}"
+    ]
+    for index, cell in enumerate(cells):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(cell, widths, strict=True)).rstrip())
+        if index == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run_benchmark(
+    devices: int, concurrency: int, boot_samples: int, scaling: bool, workdir: Path
+) -> Report:
+    with BenchStack(workdir, progress) as stack:
+        ceiling_count = max(200, min(devices, 2000))
+        progress(f"ceiling: checking and signing {ceiling_count} CSRs in-process")
+        ceiling = measure_signing_rate(stack.ca, ceiling_count)
+        progress(f"ceiling: {ceiling.per_second:.0f}/s")
+        progress(f"registering {devices} devices (UNALLOCATED -> ALLOCATED)")
+        batch = stack.register(f"bench-{uuid.uuid4().hex[:4]}", devices)
+        stack.start_servers(1)
+        progress(f"provisioning {devices} devices, {concurrency} in flight")
+        fleet = run_fleet(stack, batch, concurrency, progress)
+        progress(f"end to end: {fleet.per_second:.1f} devices/s")
+        progress(f"first boot to ACTIVE: {boot_samples} single devices")
+        boots = first_boot_to_active(stack, boot_samples)
+        scaled = None
+        if scaling:
+            stack.stop_servers()
+            progress(f"registering {devices} more devices for the 2-server run")
+            more = stack.register(f"scale-{uuid.uuid4().hex[:4]}", devices)
+            stack.start_servers(2)
+            progress(f"provisioning {devices} devices with 2 servers")
+            scaled = run_fleet(stack, more, concurrency, progress)
+        if fleet.failures:
+            progress(f"{len(fleet.failures)} devices failed, e.g. {fleet.failures[0]}")
+        return Report(ceiling, fleet, boots, scaled)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--devices", type=int, default=1000, help="fleet size (default 1000)")
+    parser.add_argument("--concurrency", type=int, default=50, help="devices in flight")
+    parser.add_argument("--first-boot-samples", type=int, default=20, help="single-device runs")
+    parser.add_argument(
+        "--no-scaling", action="store_true", help="skip the 2-server run (N more devices)"
+    )
+    parser.add_argument("--json", action="store_true", help="JSON report on stdout")
+    args = parser.parse_args(argv)
+    if args.devices < 1 or args.concurrency < 1 or args.first_boot_samples < 1:
+        parser.error("--devices, --concurrency and --first-boot-samples must be at least 1")
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        report = run_benchmark(
+            args.devices,
+            args.concurrency,
+            args.first_boot_samples,
+            not args.no_scaling,
+            Path(tmp),
+        )
+    info = machine()
+    table = render_table(report.rows(), info)
+    if args.json:
+        print(table, file=sys.stderr)
+        rows = [r.__dict__ | {"verdict": r.verdict} for r in report.rows()]
+        print(json.dumps({"machine": info, "results": report.results(), "rows": rows}, indent=2))
+    else:
+        print(table)
+    return 0 if report.all_active else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""End-to-end provisioning on real services: database, Mosquitto with TLS, server process.
+
+``BenchStack`` starts everything exactly as the tests do; ``run_fleet`` provisions a
+batch of light devices with bounded concurrency and takes its end time from the
+database (the moment the last device of the batch is ACTIVE there), not from the
+clients.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Final
+
+from bench.lightweight_device import DeviceIdentity, DeviceTiming, provision
+from server.broker_config import BrokerLayout, start_local_broker
+from server.ca import CertificateAuthority
+from server.db import Database
+from server.devices import DeviceRepository
+from server.local_services import MongoWireServer, MosquittoBroker
+from server.schema import DEVICES, DeviceStatus
+from server.users import UserRepository
+
+POLL_INTERVAL_S: Final = 0.2
+SERVER_READY_TIMEOUT_S: Final = 20.0
+Progress = Callable[[str], None]
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process from /proc (0 once it has gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile (no interpolation: the value some device really saw)."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    rank = max(1, round(fraction * len(ordered) + 0.5 - 1e-9))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def _with_database(uri: str, name: str) -> str:
+    return urllib.parse.urlunsplit(urllib.parse.urlsplit(uri)._replace(path="/" + name))
+
+
+class BenchStack:
+    """Database (``MONGODB_URI`` or secantusd-py), CA, Mosquitto and server processes."""
+
+    def __init__(self, workdir: Path, progress: Progress) -> None:
+        self.workdir = workdir
+        self.progress = progress
+        self._mongo: MongoWireServer | None = None
+        external = os.environ.get("MONGODB_URI")
+        name = f"bench_{uuid.uuid4().hex[:10]}"
+        if external:
+            self.external_db = True
+            self.mongodb_uri = _with_database(external, name)
+        else:
+            self.external_db = False
+            progress("starting secantusd-py (MongoDB wire server)")
+            self._mongo = MongoWireServer(workdir / "mongo").start()
+            self.mongodb_uri = _with_database(self._mongo.uri, name)
+        self.database = Database(self.mongodb_uri)
+        self.database.init()
+        self.ca = CertificateAuthority.init(workdir / "ca")
+        progress("starting mosquitto with generated TLS config")
+        self.broker: MosquittoBroker
+        self.layout: BrokerLayout
+        self.broker, self.layout = start_local_broker(workdir / "broker", self.ca)
+        self.servers: list[subprocess.Popen[bytes]] = []
+        self._logs: list[Path] = []
+        self._registered = 0
+        self.user_id = str(UserRepository(self.database).add("bench@example.com", "bench")["_id"])
+
+    @property
+    def database_name(self) -> str:
+        return self.database.db.name
+
+    def start_servers(self, count: int) -> None:
+        """``count`` ``provision-server run`` processes; returns once each is subscribed."""
+        exe = Path(sys.executable).with_name("provision-server")
+        for _ in range(count):
+            log = self.workdir / f"server-{len(self.servers)}.log"
+            argv = [
+                str(exe), "--mongodb-uri", self.mongodb_uri, "run",
+                "--ca-dir", str(self.ca.paths.directory),
+                "--broker-host", "127.0.0.1", "--broker-port", str(self.layout.server_port),
+            ]  # fmt: skip
+            with log.open("ab") as out:
+                self.servers.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT))
+            self._logs.append(log)
+        deadline = time.monotonic() + SERVER_READY_TIMEOUT_S
+        for proc, log in zip(self.servers, self._logs, strict=True):
+            while "event=broker-connect result=ok" not in log.read_text(errors="replace"):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"provision-server did not come up:\n{self.server_logs()}")
+                time.sleep(0.05)
+        time.sleep(0.3)  # the SUBACK follows the CONNACK callback
+
+    def stop_servers(self) -> None:
+        for proc in self.servers:
+            proc.terminate()
+        for proc in self.servers:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        self.servers = []
+        self._logs = []
+
+    def server_logs(self, tail: int = 3000) -> str:
+        return "\n".join(log.read_text(errors="replace")[-tail:] for log in self._logs)
+
+    def server_rss(self) -> int:
+        return sum(rss_bytes(proc.pid) for proc in self.servers)
+
+    def register(self, prefix: str, count: int) -> list[DeviceIdentity]:
+        """Birth identities for ``count`` boards, registered UNALLOCATED, then allocated."""
+        repo = DeviceRepository(self.database)
+        identities: list[DeviceIdentity] = []
+        for index in range(count):
+            client_id = f"{prefix}-{index:05d}"
+            serial, self._registered = self._registered, self._registered + 1
+            mac = f"02:be:00:{serial >> 16 & 0xFF:02x}:{serial >> 8 & 0xFF:02x}:{serial & 0xFF:02x}"
+            identity = DeviceIdentity.create(
+                self.ca, self.workdir / "devices" / client_id, client_id, mac
+            )
+            repo.add(mac, client_id)
+            repo.allocate(client_id, self.user_id)
+            identities.append(identity)
+        return identities
+
+    def active_count(self) -> int:
+        return self.database.collection(DEVICES).count_documents(
+            {"status": DeviceStatus.ACTIVE.value}
+        )
+
+    def statuses(self, client_ids: Sequence[str]) -> dict[str, str]:
+        docs = self.database.collection(DEVICES).find(
+            {"clientId": {"$in": list(client_ids)}}, {"clientId": 1, "status": 1}
+        )
+        return {doc["clientId"]: str(doc.get("status")) for doc in docs}
+
+    def close(self) -> None:
+        self.stop_servers()
+        self.broker.stop()
+        if self.external_db:
+            self.database.client.drop_database(self.database_name)
+        self.database.close()
+        if self._mongo is not None:
+            self._mongo.stop()
+
+    def __enter__(self) -> BenchStack:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class FleetResult:
+    devices: int
+    servers: int
+    concurrency: int
+    seconds: float
+    """First token request to the last device ACTIVE in the database."""
+    timings: tuple[DeviceTiming, ...]
+    active_in_db: int
+    failures: tuple[str, ...]
+    server_rss_peak: int
+    server_rss_idle: int
+
+    @property
+    def per_second(self) -> float:
+        return self.active_in_db / self.seconds if self.seconds > 0 else 0.0
+
+    def latency(self, which: str, fraction: float) -> float:
+        values = [getattr(t, which) for t in self.timings]
+        return percentile(values, fraction)
+
+    @property
+    def retries(self) -> int:
+        return sum(t.retries for t in self.timings)
+
+
+@dataclass
+class _Watch:
+    """Polls the database and the server's RSS while a batch runs."""
+
+    stack: BenchStack
+    target: int
+    progress: Progress
+    done_at: float | None = None
+    rss_peak: int = 0
+    active: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        last_report = 0.0
+        while not self.stop.is_set():
+            self.rss_peak = max(self.rss_peak, self.stack.server_rss())
+            self.active = self.stack.active_count()
+            now = time.monotonic()
+            if self.active >= self.target and self.done_at is None:
+                self.done_at = now
+                return
+            if now - last_report >= 1.0:
+                last_report = now
+                self.progress(f"  ACTIVE in database: {self.active}/{self.target}")
+            self.stop.wait(POLL_INTERVAL_S)
+
+
+def run_fleet(
+    stack: BenchStack,
+    identities: Sequence[DeviceIdentity],
+    concurrency: int,
+    progress: Progress,
+    settle_timeout: float = 60.0,
+) -> FleetResult:
+    """Provision every identity (at most ``concurrency`` in flight) and wait for ACTIVE."""
+    baseline = stack.active_count()
+    idle_rss = stack.server_rss()
+    watch = _Watch(stack, baseline + len(identities), progress)
+    watcher = threading.Thread(target=watch.run, name="bench-watch", daemon=True)
+    root = stack.ca.paths.root_cert
+    layout = stack.layout
+    failures: list[str] = []
+    timings: list[DeviceTiming] = []
+    watcher.start()
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="device") as pool:
+        futures = [
+            pool.submit(provision, i, root, layout.provisioning_port, layout.operational_port)
+            for i in identities
+        ]
+        for future in futures:
+            try:
+                timings.append(future.result())
+            except Exception as exc:
+                failures.append(f"{type(exc).__name__}: {exc}")
+    watcher.join(settle_timeout)
+    watch.stop.set()
+    watcher.join()
+    first = min((t.token_requested for t in timings), default=time.monotonic())
+    end = watch.done_at if watch.done_at is not None else time.monotonic()
+    statuses = stack.statuses([i.client_id for i in identities])
+    active = sum(1 for s in statuses.values() if s == DeviceStatus.ACTIVE.value)
+    return FleetResult(
+        devices=len(identities),
+        servers=len(stack.servers),
+        concurrency=concurrency,
+        seconds=end - first,
+        timings=tuple(timings),
+        active_in_db=active,
+        failures=tuple(failures),
+        server_rss_peak=watch.rss_peak,
+        server_rss_idle=idle_rss,
+    )
+
+
+def first_boot_to_active(stack: BenchStack, samples: int) -> list[float]:
+    """Seconds from a single allocated device's first connection to ACTIVE in the database.
+
+    One device at a time on an idle server: connect with the birth certificate, token,
+    CSR, operational session, ``online``; the clock stops when the database says ACTIVE.
+    """
+    identities = stack.register(f"boot-{uuid.uuid4().hex[:4]}", samples)
+    devices = stack.database.collection(DEVICES)
+    root, layout = stack.ca.paths.root_cert, stack.layout
+    durations: list[float] = []
+    for identity in identities:
+        started = time.monotonic()
+        provision(identity, root, layout.provisioning_port, layout.operational_port)
+        deadline = started + 30
+        while True:
+            doc = devices.find_one({"clientId": identity.client_id}, {"status": 1})
+            if doc is not None and doc.get("status") == DeviceStatus.ACTIVE.value:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{identity.client_id} never became ACTIVE")
+            time.sleep(0.005)
+        durations.append(time.monotonic() - started)
+    return durations
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")

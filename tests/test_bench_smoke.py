@@ -1,0 +1,39 @@
+"""The benchmark command on a small fleet: real services, every device ACTIVE in the database."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_bench_small_fleet_reports_every_row_and_all_devices_active(repo_root: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--devices", "20", "--concurrency", "10",
+         "--first-boot-samples", "3", "--json"],
+        cwd=repo_root, capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    report = json.loads(run.stdout)
+    results = report["results"]
+    # The benchmark's own check against the database, for both runs.
+    assert results["e2e_active_in_db"] == 20 and results["e2e_failures"] == []
+    assert results["scaled_active_in_db"] == 20
+    assert results["ceiling_per_s"] > 0 and results["e2e_per_s"] > 0
+    assert 0 < results["e2e_fraction_of_ceiling"] < 1
+    assert len(results["first_boot_samples_s"]) == 3
+    assert results["server_rss_peak_mb"] > 0
+    p50, p95, p99 = (results[f"latency_to_certificate_p{p}_ms"] for p in (50, 95, 99))
+    assert 0 < p50 <= p95 <= p99
+    metrics = [row["metric"] for row in report["rows"]]
+    for needle in ("CSR check + sign", "end to end, 20 devices", "first boot to ACTIVE",
+                   "server RSS", "scaling ratio", "latency token -> certificate"):  # fmt: skip
+        assert any(needle in m for m in metrics), (needle, metrics)
+    # The human-readable table went to stderr with the same rows, progress before it.
+    assert "devices ACTIVE in database" in run.stderr
+    assert "20/20" in run.stderr
+    assert "[bench " in run.stderr
