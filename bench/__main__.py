@@ -19,11 +19,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.provisioning_rate import BenchStack, FleetResult, first_boot_to_active, median, run_fleet
+from bench.provisioning_rate import (
+    AgentResult,
+    BenchStack,
+    FleetResult,
+    ServiceRate,
+    first_boot_to_active,
+    measure_service_rate,
+    median,
+    real_agent_boots,
+    run_fleet,
+)
 from bench.signing_rate import SigningRate, measure_signing_rate
 
 TARGET_RATE = 100.0
 TARGET_FIRST_BOOT_S = 1.0
+TARGET_AGENT_RSS_MB = 30.0
 
 
 def progress(message: str) -> None:
@@ -63,8 +74,10 @@ class Row:
 @dataclass(frozen=True)
 class Report:
     ceiling: SigningRate
+    service: ServiceRate
     fleet: FleetResult
     first_boot: list[float]
+    agent: AgentResult
     scaled: FleetResult | None
 
     @property
@@ -88,6 +101,15 @@ class Report:
             "server_rss_peak_mb": round(fleet.server_rss_peak / 2**20, 1),
             "first_boot_samples_s": [round(s, 4) for s in self.first_boot],
             "first_boot_median_s": round(median(self.first_boot), 4),
+            "service_per_s": round(self.service.per_second, 1),
+            "service_devices": self.service.count,
+            "db_commands_per_device": round(self.service.commands_per_device, 2),
+            "agent_boot_samples_s": [round(s, 4) for s in self.agent.boot_seconds],
+            "agent_boot_median_s": round(median(self.agent.boot_seconds), 4),
+            "agent_rss_mb": [round(b / 2**20, 1) for b in self.agent.rss_active_idle],
+            "agent_pss_mb": [round(b / 2**20, 1) for b in self.agent.pss_active_idle],
+            "agent_rss_median_mb": round(median(self.agent.rss_active_idle) / 2**20, 1),
+            "agent_pss_median_mb": round(median(self.agent.pss_active_idle) / 2**20, 1),
         }
         for which in ("to_certificate", "to_online"):
             for pct in (50, 95, 99):
@@ -115,6 +137,11 @@ class Report:
                 r["e2e_per_s"] >= TARGET_RATE,
             ),
             Row("end to end / ceiling", f"{100 * r['e2e_fraction_of_ceiling']:.1f} %"),
+            Row(
+                f"server logic + database, in-process, no MQTT, {self.service.count} devices",
+                f"{r['service_per_s']:.1f} devices/s, "
+                f"{r['db_commands_per_device']:.1f} db commands/device",
+            ),
             Row("devices ACTIVE in database", f"{fleet.active_in_db}/{fleet.devices}"),
             Row("latency token -> certificate p50/p95/p99", f"{pcts('to_certificate')} ms"),
             Row("latency token -> online acked p50/p95/p99", f"{pcts('to_online')} ms"),
@@ -124,6 +151,19 @@ class Report:
                 f"{1000 * r['first_boot_median_s']:.0f} ms",
                 f"< {1000 * TARGET_FIRST_BOOT_S:.0f} ms",
                 r["first_boot_median_s"] < TARGET_FIRST_BOOT_S,
+            ),
+            Row(
+                f"real provision-agent process start to ACTIVE, median of "
+                f"{len(self.agent.boot_seconds)}",
+                f"{1000 * r['agent_boot_median_s']:.0f} ms",
+                f"< {1000 * TARGET_FIRST_BOOT_S:.0f} ms",
+                r["agent_boot_median_s"] < TARGET_FIRST_BOOT_S,
+            ),
+            Row(
+                "provision-agent RSS (PSS), ACTIVE and idle, median",
+                f"{r['agent_rss_median_mb']:.1f} MB ({r['agent_pss_median_mb']:.1f} MB)",
+                f"< {TARGET_AGENT_RSS_MB:.0f} MB",
+                r["agent_rss_median_mb"] < TARGET_AGENT_RSS_MB,
             ),
             Row(
                 "server RSS idle -> peak during the run",
@@ -159,13 +199,22 @@ def render_table(rows: list[Row], info: dict[str, Any]) -> str:
 
 
 def run_benchmark(
-    devices: int, concurrency: int, boot_samples: int, scaling: bool, workdir: Path
+    devices: int,
+    concurrency: int,
+    boot_samples: int,
+    agent_samples: int,
+    scaling: bool,
+    workdir: Path,
 ) -> Report:
     with BenchStack(workdir, progress) as stack:
         ceiling_count = max(200, min(devices, 2000))
         progress(f"ceiling: checking and signing {ceiling_count} CSRs in-process")
         ceiling = measure_signing_rate(stack.ca, ceiling_count)
         progress(f"ceiling: {ceiling.per_second:.0f}/s")
+        service_count = max(20, min(devices // 5, 200))
+        progress(f"server logic + database in-process: {service_count} devices")
+        service = measure_service_rate(stack, stack.register("svc", service_count))
+        progress(f"server logic + database: {service.per_second:.1f} devices/s")
         progress(f"registering {devices} devices (UNALLOCATED -> ALLOCATED)")
         batch = stack.register(f"bench-{uuid.uuid4().hex[:4]}", devices)
         stack.start_servers(1)
@@ -174,6 +223,8 @@ def run_benchmark(
         progress(f"end to end: {fleet.per_second:.1f} devices/s")
         progress(f"first boot to ACTIVE: {boot_samples} single devices")
         boots = first_boot_to_active(stack, boot_samples)
+        progress(f"real provision-agent processes: {agent_samples}, one at a time")
+        agent = real_agent_boots(stack, agent_samples)
         scaled = None
         if scaling:
             stack.stop_servers()
@@ -184,7 +235,7 @@ def run_benchmark(
             scaled = run_fleet(stack, more, concurrency, progress)
         if fleet.failures:
             progress(f"{len(fleet.failures)} devices failed, e.g. {fleet.failures[0]}")
-        return Report(ceiling, fleet, boots, scaled)
+        return Report(ceiling, service, fleet, boots, agent, scaled)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,17 +244,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=50, help="devices in flight")
     parser.add_argument("--first-boot-samples", type=int, default=20, help="single-device runs")
     parser.add_argument(
+        "--agent-samples", type=int, default=5, help="real provision-agent processes"
+    )
+    parser.add_argument(
         "--no-scaling", action="store_true", help="skip the 2-server run (N more devices)"
     )
     parser.add_argument("--json", action="store_true", help="JSON report on stdout")
     args = parser.parse_args(argv)
-    if args.devices < 1 or args.concurrency < 1 or args.first_boot_samples < 1:
-        parser.error("--devices, --concurrency and --first-boot-samples must be at least 1")
+    counts = (args.devices, args.concurrency, args.first_boot_samples, args.agent_samples)
+    if min(counts) < 1:
+        parser.error("--devices, --concurrency and the sample counts must be at least 1")
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         report = run_benchmark(
             args.devices,
             args.concurrency,
             args.first_boot_samples,
+            args.agent_samples,
             not args.no_scaling,
             Path(tmp),
         )

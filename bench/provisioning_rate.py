@@ -8,6 +8,7 @@ clients.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -23,18 +24,35 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final
 
+import pymongo.monitoring
+
+from agent.birth import Endpoints
 from bench.lightweight_device import DeviceIdentity, DeviceTiming, provision
 from server.broker_config import BrokerLayout, start_local_broker
 from server.ca import CertificateAuthority
 from server.db import Database
 from server.devices import DeviceRepository
 from server.local_services import MongoWireServer, MosquittoBroker
+from server.provisioning import ProvisioningService, ServicePolicy
 from server.schema import DEVICES, DeviceStatus
+from server.simulated_fleet import SimulatedBoard
 from server.users import UserRepository
 
 POLL_INTERVAL_S: Final = 0.2
 SERVER_READY_TIMEOUT_S: Final = 20.0
 Progress = Callable[[str], None]
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size (shared pages split among their users), 0 if unknown."""
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    for line in rollup.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def rss_bytes(pid: int) -> int:
@@ -134,14 +152,18 @@ class BenchStack:
     def server_rss(self) -> int:
         return sum(rss_bytes(proc.pid) for proc in self.servers)
 
+    def next_mac(self) -> str:
+        """A locally administered MAC not used before in this run."""
+        serial, self._registered = self._registered, self._registered + 1
+        return f"02:be:00:{serial >> 16 & 0xFF:02x}:{serial >> 8 & 0xFF:02x}:{serial & 0xFF:02x}"
+
     def register(self, prefix: str, count: int) -> list[DeviceIdentity]:
         """Birth identities for ``count`` boards, registered UNALLOCATED, then allocated."""
         repo = DeviceRepository(self.database)
         identities: list[DeviceIdentity] = []
         for index in range(count):
             client_id = f"{prefix}-{index:05d}"
-            serial, self._registered = self._registered, self._registered + 1
-            mac = f"02:be:00:{serial >> 16 & 0xFF:02x}:{serial >> 8 & 0xFF:02x}:{serial & 0xFF:02x}"
+            mac = self.next_mac()
             identity = DeviceIdentity.create(
                 self.ca, self.workdir / "devices" / client_id, client_id, mac
             )
@@ -306,3 +328,114 @@ def first_boot_to_active(stack: BenchStack, samples: int) -> list[float]:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+class _CommandCounter(pymongo.monitoring.CommandListener):
+    """Counts the database commands one thread sends (sync pymongo reports in the caller)."""
+
+    def __init__(self) -> None:
+        self.thread: int | None = None
+        self.count = 0
+
+    def started(self, event: pymongo.monitoring.CommandStartedEvent) -> None:
+        if threading.get_ident() == self.thread:
+            self.count += 1
+
+    def succeeded(self, event: pymongo.monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: pymongo.monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+_COUNTER = _CommandCounter()
+pymongo.monitoring.register(_COUNTER)
+
+
+@dataclass(frozen=True)
+class ServiceRate:
+    """The server's request handling with its database, without MQTT, on one thread."""
+
+    count: int
+    seconds: float
+    commands: int
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def commands_per_device(self) -> float:
+        return self.commands / self.count if self.count else 0.0
+
+
+def measure_service_rate(stack: BenchStack, identities: Sequence[DeviceIdentity]) -> ServiceRate:
+    """Token, CSR and online for each device through ``ProvisioningService`` directly."""
+    database = Database(stack.mongodb_uri)
+    service = ProvisioningService(database, stack.ca, ServicePolicy(status_write_interval=0.0))
+    online = b'{"v":1,"status":"online"}'
+    _COUNTER.thread, _COUNTER.count = threading.get_ident(), 0
+    started = time.perf_counter()
+    try:
+        for i in identities:
+            token = {"v": 1, "op": "token", "mac": i.mac, "cert": i.birth_pem}
+            answer = json.loads(service.handle_request(i.client_id, json.dumps(token).encode()))
+            csr = {"v": 1, "op": "csr", "token": answer.get("token"), "csr": i.csr_pem}
+            answer = json.loads(service.handle_request(i.client_id, json.dumps(csr).encode()))
+            if not answer.get("ok"):
+                raise RuntimeError(f"in-process provisioning of {i.client_id} failed: {answer}")
+            service.handle_status(i.client_id, online)
+        seconds = time.perf_counter() - started
+    finally:
+        _COUNTER.thread = None
+        database.close()
+    return ServiceRate(len(identities), seconds, _COUNTER.count)
+
+
+@dataclass(frozen=True)
+class AgentResult:
+    """Real ``provision-agent run`` processes, one at a time, from exec to ACTIVE."""
+
+    boot_seconds: tuple[float, ...]
+    rss_active_idle: tuple[int, ...]
+    pss_active_idle: tuple[int, ...]
+
+
+def real_agent_boots(stack: BenchStack, samples: int, idle_s: float = 2.0) -> AgentResult:
+    """Start the real agent on a simulated board; time to ACTIVE; memory once idle."""
+    repo = DeviceRepository(stack.database)
+    devices = stack.database.collection(DEVICES)
+    endpoints = Endpoints(
+        "127.0.0.1", stack.layout.provisioning_port, "127.0.0.1", stack.layout.operational_port
+    )
+    boots: list[float] = []
+    rss: list[int] = []
+    pss: list[int] = []
+    for index in range(samples):
+        mac = stack.next_mac()
+        client_id = f"agent-{uuid.uuid4().hex[:6]}-{index}"
+        board = SimulatedBoard(stack.workdir / "boards" / client_id, client_id, mac)
+        board.prepare()
+        board.factory_identity(stack.ca, endpoints)
+        repo.add(mac, client_id)
+        repo.allocate(client_id, stack.user_id)
+        started = time.monotonic()
+        board.start_agent()
+        try:
+            while True:
+                doc = devices.find_one({"clientId": client_id}, {"status": 1})
+                if doc is not None and doc.get("status") == DeviceStatus.ACTIVE.value:
+                    break
+                if time.monotonic() - started > 60 or (
+                    board.process is not None and board.process.poll() is not None
+                ):
+                    raise RuntimeError(f"agent {client_id} never became ACTIVE")
+                time.sleep(0.01)
+            boots.append(time.monotonic() - started)
+            time.sleep(idle_s)
+            assert board.process is not None
+            rss.append(rss_bytes(board.process.pid))
+            pss.append(pss_bytes(board.process.pid))
+        finally:
+            board.stop_agent()
+    return AgentResult(tuple(boots), tuple(rss), tuple(pss))

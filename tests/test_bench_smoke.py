@@ -14,7 +14,7 @@ import pytest
 def test_bench_small_fleet_reports_every_row_and_all_devices_active(repo_root: Path) -> None:
     run = subprocess.run(
         [sys.executable, "-m", "bench", "--devices", "20", "--concurrency", "10",
-         "--first-boot-samples", "3", "--json"],
+         "--first-boot-samples", "3", "--agent-samples", "1", "--json"],
         cwd=repo_root, capture_output=True, text=True, timeout=180, check=False,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-4000:]
@@ -27,11 +27,14 @@ def test_bench_small_fleet_reports_every_row_and_all_devices_active(repo_root: P
     assert 0 < results["e2e_fraction_of_ceiling"] < 1
     assert len(results["first_boot_samples_s"]) == 3
     assert results["server_rss_peak_mb"] > 0
+    assert results["service_per_s"] > 0 and results["db_commands_per_device"] >= 3
+    assert len(results["agent_boot_samples_s"]) == 1 and results["agent_rss_median_mb"] > 5
     p50, p95, p99 = (results[f"latency_to_certificate_p{p}_ms"] for p in (50, 95, 99))
     assert 0 < p50 <= p95 <= p99
     metrics = [row["metric"] for row in report["rows"]]
     for needle in ("CSR check + sign", "end to end, 20 devices", "first boot to ACTIVE",
-                   "server RSS", "scaling ratio", "latency token -> certificate"):  # fmt: skip
+                   "server RSS", "scaling ratio", "latency token -> certificate",
+                   "server logic + database", "provision-agent RSS"):  # fmt: skip
         assert any(needle in m for m in metrics), (needle, metrics)
     # The human-readable table went to stderr with the same rows, progress before it.
     assert "devices ACTIVE in database" in run.stderr
