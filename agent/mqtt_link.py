@@ -52,13 +52,15 @@ def is_cert_rejection(text: str) -> bool:
 
 
 class LinkError(AgentError):
-    """The connection failed or was lost; ``cert_rejected`` when TLS refused our certificate."""
+    """The connection failed or was lost; ``cert_rejected`` when TLS refused our certificate,
+    ``refused`` when the broker answered an operation with a failure reason code."""
 
     code = ErrorCode.UNAVAILABLE
 
-    def __init__(self, message: str, *, cert_rejected: bool = False) -> None:
+    def __init__(self, message: str, *, cert_rejected: bool = False, refused: bool = False) -> None:
         super().__init__(message)
         self.cert_rejected = cert_rejected
+        self.refused = refused
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,8 @@ class MqttLink:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_log = self._on_log
+        self._client.on_publish = self._on_publish
+        self._publish_reasons: dict[int, ReasonCode] = {}
         self._connack = threading.Event()
         self._connack_reason: ReasonCode | None = None
         self._closed = threading.Event()
@@ -142,6 +146,13 @@ class MqttLink:
             self._last_error = self._last_error or f"disconnected: {reason}"
         self._closed.set()
         self._connack.set()
+
+    def _on_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, props: Any
+    ) -> None:
+        # paho calls this before it marks the message published, so publish() finds it.
+        with self._lock:
+            self._publish_reasons[mid] = reason
 
     def _on_log(self, client: mqtt.Client, userdata: Any, level: int, text: str) -> None:
         if level == mqtt.MQTT_LOG_ERR:
@@ -291,6 +302,11 @@ class MqttLink:
             raise LinkError(f"publish to {topic} failed: {exc}") from None
         if not info.is_published():
             raise LinkError(f"no PUBACK for {topic}: {self._last_error or 'timeout'}")
+        with self._lock:
+            reason = self._publish_reasons.pop(info.mid, None)
+        if reason is not None and reason.is_failure:
+            # e.g. 135 "Not authorized": the broker's ACL no longer lets this certificate in.
+            raise LinkError(f"broker refused the publish to {topic}: {reason}", refused=True)
 
     def request(self, topic: str, payload: bytes, response_topic: str, timeout: float) -> bytes:
         """Publish with Response Topic + fresh Correlation Data; return the matching reply."""

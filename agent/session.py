@@ -185,8 +185,12 @@ class OperationalSession:
             if time.monotonic() >= next_heartbeat:
                 try:
                     self._publish_status(link, "online")
-                except LinkError:
-                    continue  # the loop sees the dropped link
+                except LinkError as exc:
+                    # Refused (ACL: our certificate was revoked) or lost: reconnect, which
+                    # also tells a revoked certificate (TLS refusal) from a network problem.
+                    log.warning("%s", format_fields(event="heartbeat_failed", error=exc.message))
+                    link.close()
+                    break
                 next_heartbeat = time.monotonic() + self.timing.heartbeat_s
             if self._renewal_due(record):
                 link, record = self._renew(link, record)

@@ -1,0 +1,369 @@
+"""End to end: the real agent process against Mosquitto, the provisioning server and MongoDB.
+
+The agent runs as ``python -m agent.cli run`` with a temporary state directory and a
+simulated sysfs; the server side is the real ProvisioningServer + AclSync in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bson import ObjectId
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from agent.birth import Endpoints, keys_dir
+from agent.runner import certs_dir
+from agent.storage import CertificateStore
+from server.acl_sync import AclSync
+from server.ca import CLOCK_SKEW, CertificateAuthority
+from server.certificates import CertificateRecords
+from server.db import Database, Document
+from server.devices import DeviceRepository
+from server.mqtt_service import BrokerEndpoint, ProvisioningServer
+from server.provisioning import ProvisioningService, ServicePolicy
+from server.schema import (
+    CERTIFICATE_REVOCATIONS,
+    DEVICE_CERTIFICATES,
+    DEVICES,
+    USERS,
+    CertificateStatus,
+)
+from tests.broker_fixture import LocalBroker
+from tests.simulated_board import make_sysfs
+from tests.test_agent_state import make_birth
+
+pytestmark = pytest.mark.slow
+
+MAC = "02:00:00:5E:00:01"
+CLIENT_ID = "dev-e2e-0001"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+@dataclass
+class Fleet:
+    """Server side of one test: service, broker, ACL/CRL sync, one registered device."""
+
+    database: Database
+    ca: CertificateAuthority
+    broker: LocalBroker
+    server: ProvisioningServer
+    sync: AclSync
+
+    def device(self) -> Document | None:
+        return self.database.collection(DEVICES).find_one({"clientId": CLIENT_ID})
+
+    def status(self) -> str | None:
+        doc = self.device()
+        return None if doc is None else str(doc.get("status"))
+
+    def allocate(self) -> None:
+        user = ObjectId()
+        self.database.collection(USERS).insert_one({"_id": user, "email": "owner@example.com"})
+        DeviceRepository(self.database).allocate(CLIENT_ID, str(user))
+
+    def active_certificates(self) -> list[Document]:
+        return list(
+            self.database.collection(DEVICE_CERTIFICATES).find(
+                {"device_id": CLIENT_ID, "status": CertificateStatus.ACTIVE.value}
+            )
+        )
+
+
+@pytest.fixture
+def fleet_factory(
+    database: Database, broker: LocalBroker, ca: CertificateAuthority
+) -> Iterator[Callable[..., Fleet]]:
+    started: list[Fleet] = []
+
+    def start(validity: timedelta = timedelta(days=90)) -> Fleet:
+        policy = ServicePolicy(
+            certificate_validity=validity,
+            not_allocated_retry_after=0.3,
+            status_write_interval=0.0,
+        )
+        service = ProvisioningService(database, ca, policy)
+        server = ProvisioningServer(
+            service, ca, BrokerEndpoint("127.0.0.1", broker.layout.server_port)
+        )
+        server.start()
+        assert server.wait_connected(10)
+        sync = AclSync(database, ca, broker.layout, interval=0.2).start()
+        DeviceRepository(database).add(MAC, CLIENT_ID)
+        fleet = Fleet(database, ca, broker, server, sync)
+        started.append(fleet)
+        return fleet
+
+    yield start
+    for fleet in started:
+        fleet.sync.stop()
+        fleet.server.stop()
+
+
+class AgentProcess:
+    """The agent's files and its process (restartable)."""
+
+    def __init__(self, tmp_path: Path, fleet: Fleet, timing: str = "") -> None:
+        self.root = tmp_path / "device"
+        self.state_dir = self.root / "state"
+        sysfs = make_sysfs(self.root / "sys", {"eth0": (MAC.lower(), True)})
+        layout = fleet.broker.layout
+        make_birth(
+            self.state_dir,
+            fleet.ca,
+            client_id=CLIENT_ID,
+            mac=MAC,
+            endpoints=Endpoints(
+                "127.0.0.1", layout.provisioning_port, "127.0.0.1", layout.operational_port
+            ),
+        )
+        self.config = self.root / "agent.toml"
+        self.config.write_text(
+            f'[device]\nstate_dir = "{self.state_dir}"\nsysfs_root = "{sysfs}"\n'
+            "[timing]\nbackoff_initial_s = 0.1\nbackoff_max_s = 1.0\nrequest_timeout_s = 3\n"
+            f"heartbeat_s = 1\nkeepalive_s = 5\n{timing}"
+        )
+        self.log = self.root / "agent.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PROVISION_AGENT_")}
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", "run", "--config", str(self.config)],
+                stdout=log, stderr=log, cwd=REPO, env=env,
+            )  # fmt: skip
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def state(self) -> dict[str, Any]:
+        try:
+            obj: dict[str, Any] = json.loads((self.state_dir / "state.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+        return obj
+
+    def wait_state(self, state: str, timeout: float = 30) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            assert self.process is not None and self.process.poll() is None, self.log_text()
+            current = self.state()
+            return current if current.get("state") == state else None
+
+        try:
+            result: dict[str, Any] = wait_for(check, timeout, f"agent state {state}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- agent log ---\n{self.log_text()[-6000:]}") from None
+        return result
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        code = self.process.wait(15)
+        self.process = None
+        return code
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.kill(signal.SIGKILL)
+
+    def live_certificate(self) -> x509.Certificate:
+        paths = CertificateStore(certs_dir(self.state_dir)).live_paths()
+        return x509.load_pem_x509_certificate(paths.cert.read_bytes())
+
+    def assert_key_matches_live_cert(self) -> None:
+        paths = CertificateStore(certs_dir(self.state_dir)).live_paths()
+        assert paths.key is not None
+        key = serialization.load_pem_private_key(paths.key.read_bytes(), None)
+        spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        cert_key = self.live_certificate().public_key().public_bytes(*spki)
+        assert key.public_key().public_bytes(*spki) == cert_key
+
+    def op_key_slots(self) -> list[str]:
+        return sorted(p.name for p in keys_dir(self.state_dir).glob("op-*.key"))
+
+
+@pytest.fixture
+def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    agents: list[AgentProcess] = []
+
+    def make(fleet: Fleet, timing: str = "") -> AgentProcess:
+        agent = AgentProcess(tmp_path, fleet, timing)
+        agents.append(agent)
+        return agent
+
+    yield make
+    for agent in agents:
+        agent.stop()
+
+
+def assert_converged(fleet: Fleet, agent: AgentProcess) -> None:
+    """ACTIVE on both sides, one active certificate, and it is the one the agent holds."""
+    record = agent.wait_state("ACTIVE")
+    wait_for(lambda: fleet.status() == "ACTIVE", 15, "device ACTIVE in MongoDB")
+    active = fleet.active_certificates()
+    assert len(active) == 1, active
+    serial = format(agent.live_certificate().serial_number, "X")
+    assert active[0]["serial"] == serial == record["cert_serial"]
+    device = fleet.device()
+    assert device is not None and device["certificateSerial"] == serial
+    agent.assert_key_matches_live_cert()
+    assert agent.op_key_slots() == []  # keys live in the certificate versions now
+
+
+# --- tests ----------------------------------------------------------------------------------
+
+
+def test_unallocated_device_waits_then_becomes_active(
+    fleet_factory: Callable[..., Fleet], agent_factory: Callable[..., AgentProcess]
+) -> None:
+    fleet = fleet_factory()
+    agent = agent_factory(fleet)
+    agent.start()
+    wait_for(
+        lambda: agent.log_text().count("event=waiting_for_allocation") >= 2,
+        30,
+        "two NOT_ALLOCATED answers",
+    )
+    assert agent.state()["state"] == "NEED_TOKEN" and fleet.status() == "UNALLOCATED"
+    fleet.allocate()
+    assert_converged(fleet, agent)
+    device = fleet.device()
+    assert device is not None
+    cert = agent.live_certificate()
+    assert device["macID"] == MAC and isinstance(device["userId"], ObjectId)
+    assert device["crt"] == cert.public_bytes(serialization.Encoding.PEM).decode()
+    assert device["provisioningToken"].startswith("sha256:") and device["tokenUsed"] is True
+    for field in ("provisionedAt", "certificateExpiresAt", "lastSeenAt", "allocatedAt"):
+        assert device.get(field) is not None, field
+    assert device.get("ca_certificate")
+    record = fleet.active_certificates()[0]
+    assert record["private_key"] == "" and record["user_id"] == device["userId"]
+    # Nothing secret in the agent's log: not the token, not a key.
+    text = agent.log_text()
+    assert "PRIVATE KEY" not in text and '"token"' not in text
+    token = json.dumps(agent.state())  # the token is cleared once used
+    assert agent.state().get("token") is None, token
+    # SIGTERM: retained offline, clean exit.
+    assert agent.kill(signal.SIGTERM) == 0
+    wait_for(lambda: fleet.status() == "OFFLINE", 15, "OFFLINE after SIGTERM")
+
+
+def test_file_modes_of_everything_the_agent_writes(
+    fleet_factory: Callable[..., Fleet], agent_factory: Callable[..., AgentProcess]
+) -> None:
+    fleet = fleet_factory()
+    fleet.allocate()
+    agent = agent_factory(fleet)
+    agent.start()
+    assert_converged(fleet, agent)
+    agent.kill(signal.SIGTERM)
+    for path in [agent.state_dir, *agent.state_dir.rglob("*")]:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            assert mode == 0o700, f"{path} is {mode:04o}"
+        else:
+            assert mode == 0o600, f"{path} is {mode:04o}"
+
+
+def test_sigkill_publishes_offline_through_the_last_will(
+    fleet_factory: Callable[..., Fleet], agent_factory: Callable[..., AgentProcess]
+) -> None:
+    fleet = fleet_factory()
+    fleet.allocate()
+    agent = agent_factory(fleet)
+    agent.start()
+    assert_converged(fleet, agent)
+    agent.kill(signal.SIGKILL)  # no clean DISCONNECT: only the broker's will says offline
+    wait_for(lambda: fleet.status() == "OFFLINE", 20, "OFFLINE via the last will")
+
+
+def test_broker_restart_reconnects(
+    fleet_factory: Callable[..., Fleet], agent_factory: Callable[..., AgentProcess]
+) -> None:
+    fleet = fleet_factory()
+    fleet.allocate()
+    agent = agent_factory(fleet)
+    agent.start()
+    assert_converged(fleet, agent)
+    connects = agent.log_text().count("event=connected")
+    fleet.broker.mosquitto.restart()
+    wait_for(lambda: agent.log_text().count("event=connected") > connects, 30, "agent reconnect")
+    # Retained status was lost with the broker (no persistence); the agent says online again.
+    fleet.database.collection(DEVICES).update_one(
+        {"clientId": CLIENT_ID}, {"$set": {"status": "OFFLINE"}}
+    )
+    assert_converged(fleet, agent)
+
+
+def test_renewal_replaces_the_certificate_before_it_expires(
+    fleet_factory: Callable[..., Fleet], agent_factory: Callable[..., AgentProcess]
+) -> None:
+    life = CLOCK_SKEW + timedelta(seconds=30)
+    fleet = fleet_factory(validity=life)
+    fleet.allocate()
+    # Renew about 6 s after issue (the certificate's life starts CLOCK_SKEW in the past).
+    fraction = (CLOCK_SKEW.total_seconds() + 6) / life.total_seconds()
+    agent = agent_factory(fleet, timing=f"renew_fraction = {fraction}\n")
+    agent.start()
+    first = agent.wait_state("ACTIVE")["cert_serial"]
+    wait_for(
+        lambda: (
+            agent.state().get("cert_serial") not in (None, first)
+            and agent.state().get("state") == "ACTIVE"
+        ),
+        40,
+        "a renewed certificate",
+    )
+    assert_converged(fleet, agent)
+    revoked = fleet.database.collection(CERTIFICATE_REVOCATIONS).find_one({"serial": first})
+    assert revoked is not None  # the old certificate is revoked once the new one is confirmed
+    assert "to=RENEWING" in agent.log_text()
+
+
+def test_revoked_certificate_leads_to_reprovisioning(
+    fleet_factory: Callable[..., Fleet], agent_factory: Callable[..., AgentProcess]
+) -> None:
+    fleet = fleet_factory()
+    fleet.allocate()
+    agent = agent_factory(fleet)
+    agent.start()
+    first = agent.wait_state("ACTIVE")["cert_serial"]
+    assert_converged(fleet, agent)
+    CertificateRecords(fleet.database).revoke_current(CLIENT_ID, "key compromise")
+    wait_for(
+        lambda: (
+            agent.state().get("cert_serial") not in (None, first)
+            and agent.state().get("state") == "ACTIVE"
+        ),
+        60,
+        "a re-provisioned certificate",
+    )
+    assert_converged(fleet, agent)
+    text = agent.log_text()
+    assert "event=certificate_refused" in text and "to=NEED_TOKEN" in text
