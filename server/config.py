@@ -9,6 +9,7 @@ Keys (all optional; section.key):
     broker.config_dir            directory of `provision-server broker-config`; enables
                                  ACL/CRL sync with the running broker
     policy.token_lifetime_s      300
+    policy.token_min_interval_s  1    (a device gets at most one token per interval)
     policy.certificate_validity_days   90
     policy.not_allocated_retry_s 60
     policy.offline_timeout_s     180  (an ACTIVE device silent this long becomes OFFLINE)
@@ -46,6 +47,7 @@ class ServerConfig:
     broker_port: int = 8885
     broker_config_dir: Path | None = None
     token_lifetime_s: float = 300.0
+    token_min_interval_s: float = 1.0
     certificate_validity_days: float = 90.0
     not_allocated_retry_s: float = 60.0
     offline_timeout_s: float = 180.0
@@ -72,6 +74,7 @@ _KEYS: Final = {
     ("broker", "port"): "broker_port",
     ("broker", "config_dir"): "broker_config_dir",
     ("policy", "token_lifetime_s"): "token_lifetime_s",
+    ("policy", "token_min_interval_s"): "token_min_interval_s",
     ("policy", "certificate_validity_days"): "certificate_validity_days",
     ("policy", "not_allocated_retry_s"): "not_allocated_retry_s",
     ("policy", "offline_timeout_s"): "offline_timeout_s",

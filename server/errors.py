@@ -60,6 +60,10 @@ class MacMismatch(ServerError):
     code = ErrorCode.MAC_MISMATCH
 
 
+class RateLimited(ServerError):
+    code = ErrorCode.RATE_LIMITED
+
+
 class TokenInvalid(ServerError):
     code = ErrorCode.TOKEN_INVALID
 

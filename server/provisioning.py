@@ -37,6 +37,7 @@ from server.devices import DeviceRepository, utcnow
 from server.errors import (
     MacMismatch,
     NotAllocated,
+    RateLimited,
     ServerError,
     TokenExpired,
     TokenInvalid,
@@ -44,7 +45,7 @@ from server.errors import (
     WrongState,
 )
 from server.schema import DEVICE_CERTIFICATES, DeviceStatus
-from server.tokens import TokenIssuer, token_matches
+from server.tokens import TokenIssuer, TokenRateLimiter, token_matches
 
 log = logging.getLogger("provision.server")
 
@@ -60,6 +61,7 @@ ONLINE_FROM = frozenset({DeviceStatus.PROVISIONED, DeviceStatus.ACTIVE, DeviceSt
 @dataclass(frozen=True)
 class ServicePolicy:
     token_lifetime: timedelta = timedelta(seconds=300)
+    token_min_interval: float = 1.0
     certificate_validity: timedelta = timedelta(days=90)
     not_allocated_retry_after: float = 60.0
     status_write_interval: float = 30.0
@@ -100,6 +102,7 @@ class ProvisioningService:
         self.devices = DeviceRepository(database)
         self.records = CertificateRecords(database)
         self.tokens = TokenIssuer(self.policy.token_lifetime)
+        self.token_limiter = TokenRateLimiter(self.policy.token_min_interval)
         self._status_lock = threading.Lock()
         self._last_status_write: dict[str, tuple[str, float]] = {}
 
@@ -169,6 +172,12 @@ class ProvisioningService:
             current = DeviceStatus(status)
         except ValueError:
             raise WrongState(f"device has unknown status {status!r}") from None
+        wait = self.token_limiter.wait_time(client_id)
+        if wait > 0:
+            raise RateLimited(
+                "a token was issued to this device moments ago; retry later",
+                retry_after=round(wait, 3),
+            )
         issued = self.tokens.issue(now)
         # Guarding on the status read above makes a concurrent change (an
         # allocation, another token) fail this update instead of being lost.
@@ -184,6 +193,7 @@ class ProvisioningService:
             unset_fields=("errorMessage",),
             extra_filter={"macID": request.mac},
         )
+        self.token_limiter.issued(client_id)
         return {"token": issued.token, "expiresAt": issued.expires_at.isoformat()}
 
     def sign_csr(self, client_id: str, request: CsrRequest) -> dict[str, Any]:

@@ -30,6 +30,7 @@ def configure_logging(verbose: bool) -> None:
 def policy_of(config: ServerConfig) -> ServicePolicy:
     return ServicePolicy(
         token_lifetime=timedelta(seconds=config.token_lifetime_s),
+        token_min_interval=config.token_min_interval_s,
         certificate_validity=timedelta(days=config.certificate_validity_days),
         not_allocated_retry_after=config.not_allocated_retry_s,
         status_write_interval=config.status_write_interval_s,

@@ -32,7 +32,9 @@ def service_ca(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority
 
 @pytest.fixture
 def service(database: Database, service_ca: CertificateAuthority) -> ProvisioningService:
-    return ProvisioningService(database, service_ca, ServicePolicy(status_write_interval=0.0))
+    return ProvisioningService(
+        database, service_ca, ServicePolicy(status_write_interval=0.0, token_min_interval=0.0)
+    )
 
 
 @pytest.fixture
@@ -360,3 +362,20 @@ def test_silent_active_device_is_swept_offline(
     time.sleep(0.05)
     assert svc.sweep_silent_devices() == 1
     assert database.collection(DEVICES).find_one({"clientId": "board-8"})["status"] == "OFFLINE"  # type: ignore[index]
+
+
+def test_token_requests_in_a_loop_are_rate_limited_without_database_writes(
+    database: Database, service_ca: CertificateAuthority, user_id: ObjectId
+) -> None:
+    limited = ProvisioningService(database, service_ca, ServicePolicy(token_min_interval=30.0))
+    kit = DeviceKit("board-9", "02:00:00:00:00:09", service_ca)
+    register(database, kit, user_id)
+    assert answer(limited, kit.client_id, kit.token_request())["ok"]
+    before = snapshot(database)
+    again = answer(limited, kit.client_id, kit.token_request())
+    assert again["error"]["code"] == "RATE_LIMITED"
+    assert 0 < again["error"]["retryAfter"] <= 30
+    assert snapshot(database) == before
+    other = DeviceKit("board-10", "02:00:00:00:00:0A", service_ca)
+    register(database, other, user_id)
+    assert answer(limited, other.client_id, other.token_request())["ok"]  # per device
