@@ -7,6 +7,7 @@ paho-mqtt and cryptography load only when the runner needs them.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import shutil
@@ -16,13 +17,12 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 import click
 
 from agent.config import AgentConfig, load_config
 from agent.errors import AgentError
-from agent.factory_console import factory_console_command
 
 STATE_ENTRIES = ("identity.json", "state.json", "keys", "certs", "birth", "ca-chain.pem")
 
@@ -58,7 +58,29 @@ config_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    """Commands in ``lazy`` are imported only when used (or listed by ``--help``).
+
+    The factory console pulls in cryptography and pyserial; ``run`` must not pay
+    for them in memory (design.md §7).
+    """
+
+    lazy: ClassVar[dict[str, tuple[str, str]]] = {
+        "factory-console": ("agent.factory_console", "factory_console_command"),
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            module, attribute = self.lazy[cmd_name]
+            command: click.Command = getattr(importlib.import_module(module), attribute)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Device agent: from birth identity to a live mTLS MQTT session."""
 
@@ -205,8 +227,6 @@ def reset_state(state_dir: Path) -> list[str]:
         shutil.rmtree(leftover, ignore_errors=True)
     return removed
 
-
-main.add_command(factory_console_command)
 
 if __name__ == "__main__":
     main()

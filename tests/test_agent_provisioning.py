@@ -367,3 +367,38 @@ def test_revoked_certificate_leads_to_reprovisioning(
     assert_converged(fleet, agent)
     text = agent.log_text()
     assert "event=certificate_refused" in text and "to=NEED_TOKEN" in text
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")  # pragma: no cover
+
+
+def test_memory_of_an_active_agent(
+    fleet_factory: Callable[..., Fleet], agent_factory: Callable[..., AgentProcess]
+) -> None:
+    """An unprovisioned agent stays lean (no paho, no cryptography); an active one is bounded."""
+    fleet = fleet_factory()
+    agent = agent_factory(fleet)
+    identity = agent.state_dir / "identity.json"
+    saved = identity.read_bytes()
+    identity.unlink()  # not provisioned yet: nothing to connect to
+    agent.start()
+    assert agent.process is not None
+    wait_for(lambda: "event=start" in agent.log_text(), 20, "agent start")
+    time.sleep(0.5)
+    idle = _rss_kib(agent.process.pid)
+    assert agent.kill(signal.SIGTERM) == 0
+    identity.write_bytes(saved)
+    fleet.allocate()
+    agent.start()
+    assert_converged(fleet, agent)
+    assert agent.process is not None
+    active = _rss_kib(agent.process.pid)
+    print(f"agent RSS: unprovisioned {idle} KiB, active {active} KiB")
+    # Regression guards, not the 30 MB goal of design.md §7 (measured: ~22 MB idle,
+    # ~43 MB active in the dev venv; see docs/agent.md "Memory").
+    assert idle < 26 * 1024, idle
+    assert active < 48 * 1024, active
