@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 from bson import ObjectId
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent import protocol
 from server.broker_config import BrokerLayout, reload_broker, start_local_broker, write_broker_files
@@ -304,3 +306,37 @@ def test_server_killed_during_signing_converges_on_one_active_certificate(
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_200_concurrent_csrs_over_the_broker_yield_one_certificate(
+    database: Database,
+    mqtt_ca: CertificateAuthority,
+    server: ProvisioningServer,
+    local_broker: tuple[MosquittoBroker, BrokerLayout],
+) -> None:
+    _, layout = local_broker
+    kit = allocated_device(database, mqtt_ca, 50)
+    device = birth_session(kit, layout, mqtt_ca)
+    token = device.request(kit.token_request())["token"]
+    payload = kit.csr_request(token)
+    correlations = [f"c{i}".encode() for i in range(200)]
+    props = []
+    for correlation in correlations:
+        prop = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        prop.CorrelationData = correlation
+        prop.ResponseTopic = protocol.response_topic(kit.client_id)
+        props.append(prop)
+    for prop in props:  # all in flight at once, no waiting in between
+        device.client.publish(protocol.request_topic(kit.client_id), payload, qos=1,
+                              properties=prop)  # fmt: skip
+    answers: dict[bytes, dict[str, Any]] = {}
+    while len(answers) < 200:
+        answered, body = device.responses.get(timeout=30)
+        assert answered is not None and answered not in answers
+        answers[answered] = body
+    device.close()
+    assert set(answers) == set(correlations)  # each answered exactly once
+    assert all(a["ok"] for a in answers.values())
+    assert len({a["certificate"] for a in answers.values()}) == 1
+    assert database.collection(DEVICE_CERTIFICATES).count_documents(
+        {"device_id": kit.client_id}) == 1  # fmt: skip
