@@ -200,4 +200,7 @@ class ProvisioningServer:
             thread.join(timeout)
         self.client.disconnect()
         self.client.loop_stop()
+        # paho closes its internal wake-up socket pair only in __del__, which a
+        # reference cycle can delay past the sockets' own finalizers.
+        self.client._reset_sockets()
         log.info("event=stopped")
