@@ -25,13 +25,13 @@ import logging
 import os
 import pwd
 import signal
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from agent.protocol import CLIENT_ID_RE, DEVICES_PREFIX, PROVISIONING_PREFIX
+from agent.storage import atomic_write
 from server.ca import SERVER_CLIENT_CN, CaPaths, CertificateAuthority
 from server.errors import ServerError
 from server.local_services import MosquittoBroker, free_port
@@ -46,6 +46,7 @@ MAX_TOPIC_BYTES: Final = 256
 MAX_RULES_PER_DEVICE: Final = 64
 MAX_PACKET_BYTES: Final = 1024 * 1024
 LOCAL_READY_TIMEOUT_S: Final = 10.0
+BROKER_FILE_MODE: Final = 0o644  # Mosquitto may run as another user after dropping root
 
 RULE_ACTIONS: Final = {"publish": "write", "subscribe": "read", "both": "readwrite"}
 """``device_acls.rules[].action`` -> Mosquitto access keyword."""
@@ -347,27 +348,14 @@ def render_server_acl() -> str:
 
 
 def _replace_if_changed(path: Path, data: bytes) -> bool:
-    """Atomically (temp + fsync + rename) replace ``path`` unless it already holds ``data``."""
+    """Atomically replace ``path`` (mode 0644) unless it already holds ``data``.
+
+    Unchanged files keep their mtime, so callers can skip the broker reload.
+    """
     with contextlib.suppress(FileNotFoundError):
         if path.read_bytes() == data:
             return False
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fchmod(fh.fileno(), 0o644)
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, data, BROKER_FILE_MODE)
     return True
 
 

@@ -30,7 +30,6 @@ import contextlib
 import hashlib
 import ipaddress
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
@@ -44,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.protocol import mac_uri
+from agent.storage import atomic_write, fsync_dir, write_new_file
 from server.errors import CaError
 
 SERVER_CLIENT_CN: Final = "provisioning-server"
@@ -108,39 +108,9 @@ def serial_hex(cert: x509.Certificate) -> str:
 
 # --- file helpers -------------------------------------------------------------
 
-
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write via temp file + fsync + rename, so readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fchmod(fh.fileno(), mode)
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _write_key(path: Path, data: bytes) -> None:
-    """Create a private key file: O_EXCL (never overwrite), mode 0600 from the start."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+KEY_FILE_MODE: Final = 0o600
+CERT_FILE_MODE: Final = 0o644
+"""Certificates, chains and the CRL are public and read by Mosquitto (maybe another user)."""
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey, passphrase: bytes | None) -> bytes:
@@ -376,12 +346,12 @@ class CertificateAuthority:
         written: list[Path] = []
         try:
             for path, data in keys:
-                _write_key(path, data)
+                write_new_file(path, data, KEY_FILE_MODE)  # O_EXCL: never overwrite a key
                 written.append(path)
             for path, data in files:
-                _write_atomic(path, data)
+                atomic_write(path, data, CERT_FILE_MODE)
                 written.append(path)
-            _fsync_dir(paths.directory)
+            fsync_dir(paths.directory)
         except OSError as exc:
             for path in written:
                 with contextlib.suppress(OSError):
@@ -508,7 +478,7 @@ class CertificateAuthority:
 
     def write_crl(self, pem: bytes) -> Path:
         """Atomically replace ``crl.pem`` (then SIGHUP Mosquitto to apply it)."""
-        _write_atomic(self.paths.crl, pem)
+        atomic_write(self.paths.crl, pem, CERT_FILE_MODE)
         return self.paths.crl
 
     # -- accessors --
