@@ -79,6 +79,8 @@ class Report:
     first_boot: list[float]
     agent: AgentResult
     scaled: FleetResult | None
+    replay: tuple[int, float] | None
+    """Retained statuses present and the seconds the 2 new servers took to handle them."""
 
     @property
     def all_active(self) -> bool:
@@ -119,6 +121,9 @@ class Report:
             out["scaled_per_s"] = round(self.scaled.per_second, 1)
             out["scaled_active_in_db"] = self.scaled.active_in_db
             out["scaling_ratio"] = round(self.scaled.per_second / fleet.per_second, 3)
+        if self.replay is not None:
+            out["restart_retained_statuses"] = self.replay[0]
+            out["restart_replay_s"] = round(self.replay[1], 2)
         return out
 
     def rows(self) -> list[Row]:
@@ -180,6 +185,13 @@ class Report:
                 )
             )
             rows.append(Row("scaling ratio 2 servers / 1", f"{r['scaling_ratio']:.2f}"))
+        if self.replay is not None:
+            rows.append(
+                Row(
+                    f"2 servers starting with {self.replay[0]} retained statuses: busy for",
+                    f"{self.replay[1]:.1f} s",
+                )
+            )
         return rows
 
 
@@ -225,17 +237,19 @@ def run_benchmark(
         boots = first_boot_to_active(stack, boot_samples)
         progress(f"real provision-agent processes: {agent_samples}, one at a time")
         agent = real_agent_boots(stack, agent_samples)
-        scaled = None
+        scaled, replay = None, None
         if scaling:
             stack.stop_servers()
             progress(f"registering {devices} more devices for the 2-server run")
             more = stack.register(f"scale-{uuid.uuid4().hex[:4]}", devices)
-            stack.start_servers(2)
+            retained = stack.active_count()
+            progress(f"starting 2 servers; waiting while they replay {retained} retained statuses")
+            replay = (retained, stack.start_servers(2))
             progress(f"provisioning {devices} devices with 2 servers")
             scaled = run_fleet(stack, more, concurrency, progress)
         if fleet.failures:
             progress(f"{len(fleet.failures)} devices failed, e.g. {fleet.failures[0]}")
-        return Report(ceiling, service, fleet, boots, agent, scaled)
+        return Report(ceiling, service, fleet, boots, agent, scaled, replay)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,18 +264,23 @@ def main(argv: list[str] | None = None) -> int:
         "--no-scaling", action="store_true", help="skip the 2-server run (N more devices)"
     )
     parser.add_argument("--json", action="store_true", help="JSON report on stdout")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="keep logs and files here (default: temporary)"
+    )
     args = parser.parse_args(argv)
     counts = (args.devices, args.concurrency, args.first_boot_samples, args.agent_samples)
     if min(counts) < 1:
         parser.error("--devices, --concurrency and the sample counts must be at least 1")
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        workdir = Path(tmp) if args.workdir is None else args.workdir.resolve()
+        workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         report = run_benchmark(
             args.devices,
             args.concurrency,
             args.first_boot_samples,
             args.agent_samples,
             not args.no_scaling,
-            Path(tmp),
+            workdir,
         )
     info = machine()
     table = render_table(report.rows(), info)

@@ -107,17 +107,22 @@ class BenchStack:
         self.servers: list[subprocess.Popen[bytes]] = []
         self._logs: list[Path] = []
         self._registered = 0
+        self._started = 0
         self.user_id = str(UserRepository(self.database).add("bench@example.com", "bench")["_id"])
 
     @property
     def database_name(self) -> str:
         return self.database.db.name
 
-    def start_servers(self, count: int) -> None:
-        """``count`` ``provision-server run`` processes; returns once each is subscribed."""
+    def start_servers(self, count: int) -> float:
+        """``count`` ``provision-server run`` processes, subscribed and idle.
+
+        Returns the seconds they spent on the retained status replay after subscribing.
+        """
         exe = Path(sys.executable).with_name("provision-server")
         for _ in range(count):
-            log = self.workdir / f"server-{len(self.servers)}.log"
+            log = self.workdir / f"server-{self._started}.log"
+            self._started += 1
             argv = [
                 str(exe), "--mongodb-uri", self.mongodb_uri, "run",
                 "--ca-dir", str(self.ca.paths.directory),
@@ -132,9 +137,29 @@ class BenchStack:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"provision-server did not come up:\n{self.server_logs()}")
                 time.sleep(0.05)
+        return self._wait_until_quiet()
+
+    def _wait_until_quiet(self, quiet_s: float = 1.0, timeout: float = 300.0) -> float:
+        """Seconds until the new servers' logs stop growing.
+
+        On subscribing, every server is sent every retained ``devices/+/status`` message
+        (Mosquitto 2.0.11 does so for shared subscriptions too) and handles each one; a
+        timed run must not start while that replay still occupies them.
+        """
+        started = time.monotonic()
         time.sleep(0.3)  # the SUBACK follows the CONNACK callback
+        last_size, last_change = -1, time.monotonic()
+        while time.monotonic() - started < timeout:
+            size = sum(log.stat().st_size for log in self._logs)
+            if size != last_size:
+                last_size, last_change = size, time.monotonic()
+            elif time.monotonic() - last_change >= quiet_s:
+                return last_change - started
+            time.sleep(0.1)
+        raise RuntimeError(f"provision-server logs still growing after {timeout:.0f} s")
 
     def stop_servers(self) -> None:
+        """SIGTERM every server and wait; their logs stay (server-<n>.log) for a look."""
         for proc in self.servers:
             proc.terminate()
         for proc in self.servers:
