@@ -73,6 +73,11 @@ class ProvisioningServer:
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._threads: list[threading.Thread] = []
+        # Responses not yet acknowledged by the broker: stop() waits for them,
+        # since paho drops queued QoS 1 messages beyond its in-flight window
+        # once DISCONNECT goes out.
+        self._unconfirmed: set[mqtt.MQTTMessageInfo] = set()
+        self._unconfirmed_lock = threading.Lock()
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=f"provisioning-server-{uuid.uuid4().hex[:8]}",
@@ -84,6 +89,7 @@ class ProvisioningServer:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.client.max_inflight_messages_set(200)
 
     # --- paho callbacks (network thread) ---------------------------------------
 
@@ -165,7 +171,10 @@ class ProvisioningServer:
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
         if correlation is not None:
             out.CorrelationData = correlation
-        self.client.publish(reply_to, response, qos=1, properties=out)
+        info = self.client.publish(reply_to, response, qos=1, properties=out)
+        with self._unconfirmed_lock:
+            self._unconfirmed = {i for i in self._unconfirmed if not i.is_published()}
+            self._unconfirmed.add(info)
 
     def _sweep(self) -> None:
         while not self._stop.wait(self.sweep_interval):
@@ -198,6 +207,11 @@ class ProvisioningServer:
             self._queue.put(None)
         for thread in self._threads:
             thread.join(timeout)
+        with self._unconfirmed_lock:
+            unconfirmed = list(self._unconfirmed)
+        for info in unconfirmed:
+            if self._connected.is_set() and not info.is_published():
+                info.wait_for_publish(timeout=5)
         self.client.disconnect()
         self.client.loop_stop()
         # paho closes its internal wake-up socket pair only in __del__, which a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import subprocess
 import sys
 import time
@@ -340,3 +341,42 @@ def test_200_concurrent_csrs_over_the_broker_yield_one_certificate(
     assert len({a["certificate"] for a in answers.values()}) == 1
     assert database.collection(DEVICE_CERTIFICATES).count_documents(
         {"device_id": kit.client_id}) == 1  # fmt: skip
+
+
+def test_sigterm_answers_every_request_it_accepted(
+    database: Database,
+    mongodb_uri: str,
+    mqtt_ca: CertificateAuthority,
+    local_broker: tuple[MosquittoBroker, BrokerLayout],
+    tmp_path: Path,
+) -> None:
+    _, layout = local_broker
+    kits = [allocated_device(database, mqtt_ca, 60 + i) for i in range(30)]
+    log = tmp_path / "server.log"
+    proc = run_server_process(mqtt_ca, layout, mongodb_uri, log)
+    time.sleep(1.5)
+    sessions = [birth_session(kit, layout, mqtt_ca) for kit in kits]
+    for session, kit in zip(sessions, kits, strict=True):
+        prop = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        prop.CorrelationData = b"t"
+        prop.ResponseTopic = protocol.response_topic(kit.client_id)
+        session.client.publish(protocol.request_topic(kit.client_id), kit.token_request(),
+                               qos=1, properties=prop)  # fmt: skip
+    time.sleep(0.05)
+    proc.terminate()  # SIGTERM while requests are in flight
+    assert proc.wait(timeout=30) == 0
+    handled = log.read_text().count("event=request op=token")
+    answered = 0
+    for session in sessions:
+        try:
+            session.responses.get(timeout=2 if answered < handled else 0.2)
+        except queue.Empty:
+            session.close()  # this request was never accepted (the device retries)
+            continue
+        answered += 1
+        session.close()
+    assert handled > 0
+    assert answered == handled, (answered, handled)
+    # An accepted request is also a complete one in the database.
+    provisioning = database.collection(DEVICES).count_documents({"status": "PROVISIONING"})
+    assert provisioning == handled
