@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import json
 import subprocess
 import sys
 import time
@@ -78,3 +79,26 @@ def test_broker_config_then_revoke_refuses_the_device_without_restart(
         server.terminate()
         assert server.wait(timeout=30) == 0
         broker.stop()
+
+
+def test_ca_init_with_passphrase_show_and_refusal_to_overwrite(tmp_path: Path) -> None:
+    secret = tmp_path / "passphrase"
+    secret.write_text("correct horse battery staple\n")
+    ca_dir = tmp_path / "ca"
+    uri = "mongodb://127.0.0.1:1/unused"  # ca commands never touch the database
+    made = cli(uri, "ca", "init", "--dir", str(ca_dir), "--passphrase-file", str(secret))
+    assert made.returncode == 0, made.stderr
+    shown = cli(uri, "ca", "show", "--dir", str(ca_dir), "--passphrase-file", str(secret),
+                "--json")  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    names = [entry["name"] for entry in json.loads(shown.stdout)]
+    assert {"root", "device-ca", "factory-ca"} <= set(names)
+    before = {p.name: p.read_bytes() for p in ca_dir.iterdir()}
+    again = cli(uri, "ca", "init", "--dir", str(ca_dir))
+    assert again.returncode == 1 and len(again.stderr.strip().splitlines()) == 1
+    assert "already holds CA material" in again.stderr
+    assert {p.name: p.read_bytes() for p in ca_dir.iterdir()} == before
+    wrong = tmp_path / "wrong"
+    wrong.write_text("nope")
+    refused = cli(uri, "ca", "show", "--dir", str(ca_dir), "--passphrase-file", str(wrong))
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
