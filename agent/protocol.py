@@ -182,6 +182,16 @@ def _load_object(payload: bytes) -> dict[str, Any]:
     return obj
 
 
+def _check_encodable(name: str, value: str) -> None:
+    """JSON may escape lone surrogates (``"\\ud800"``); no UTF-8 consumer can take them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f'field "{name}" holds an unpaired surrogate'
+        ) from None
+
+
 def _string_fields(obj: dict[str, Any], spec: dict[str, int], allowed: set[str]) -> dict[str, str]:
     extra = sorted(set(obj) - allowed - set(spec))
     if extra:
@@ -195,6 +205,7 @@ def _string_fields(obj: dict[str, Any], spec: dict[str, int], allowed: set[str])
             raise ProtocolError(
                 ErrorCode.BAD_REQUEST, f'field "{name}" must be 1..{limit} characters'
             )
+        _check_encodable(name, value)
         values[name] = value
     return values
 
@@ -242,6 +253,9 @@ def parse_status(payload: bytes) -> StatusReport:
         raise ProtocolError(
             ErrorCode.BAD_REQUEST, f'field "error" must be a string of <= {MAX_TEXT_CHARS} chars'
         )
+    for name, text in (("ts", ts), ("error", error)):
+        if text is not None:
+            _check_encodable(name, text)
     if status == "error" and not error:
         raise ProtocolError(ErrorCode.BAD_REQUEST, 'status "error" needs an "error" text')
     return StatusReport(status=status, ts=ts, error=error)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtensionOID, NameOID
@@ -61,7 +62,11 @@ class CsrPolicy:
             csr = x509.load_pem_x509_csr(data)
         except ValueError as exc:
             raise CsrInvalid(f"CSR does not parse: {exc}") from None
-        if not csr.is_signature_valid:
+        try:
+            signature_valid = csr.is_signature_valid
+        except (ValueError, UnsupportedAlgorithm) as exc:  # a mangled key fails only here
+            raise CsrInvalid(f"CSR public key does not load: {exc}") from None
+        if not signature_valid:
             raise CsrInvalid("CSR signature does not verify against its own public key")
         public_key = self._check_key(csr)
         _check_subject(csr, client_id)
