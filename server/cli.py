@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from server.cli_output import DEVICE_HEADERS, device_row, table, to_json
-from server.config import load_server_config
+from server.config import load_server_config, read_passphrase
 from server.db import DEFAULT_DATABASE, Database
 from server.devices import DeviceRepository
 from server.errors import ServerError
@@ -216,15 +216,6 @@ def device_revoke(state: CliState, device_ref: str, reason: str) -> None:
 # --- ca --------------------------------------------------------------------
 
 
-def _passphrase(path: Path | None) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        return path.read_bytes().strip()
-    except OSError as exc:
-        raise click.ClickException(f"cannot read passphrase file {path}: {exc.strerror}") from None
-
-
 @main.group(cls=ServerGroup)
 def ca() -> None:
     """Certificate authorities (root, device CA, factory CA)."""
@@ -257,7 +248,7 @@ def ca_init(directory: Path, passphrase_file: Path | None, server_names: tuple[s
     from server.ca import CertificateAuthority
 
     CertificateAuthority.init(
-        directory, passphrase=_passphrase(passphrase_file), server_names=server_names
+        directory, passphrase=read_passphrase(passphrase_file), server_names=server_names
     )
     click.echo(f"CA material written to {directory}")
 
@@ -270,7 +261,7 @@ def ca_show(directory: Path, passphrase_file: Path | None, as_json: bool) -> Non
     """Show subject, serial, validity and fingerprint of each CA certificate."""
     from server.ca import CertificateAuthority
 
-    described = CertificateAuthority.load(directory, _passphrase(passphrase_file)).describe()
+    described = CertificateAuthority.load(directory, read_passphrase(passphrase_file)).describe()
     if as_json:
         click.echo(to_json(described))
         return

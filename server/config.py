@@ -38,6 +38,19 @@ from server.errors import ConfigError
 ENV_PREFIX: Final = "PROVISION_SERVER_"
 
 
+def read_passphrase(path: Path | None) -> bytes | None:
+    """The CA keys' passphrase from ``path`` (surrounding whitespace stripped), None without a file.
+
+    ConfigError (naming the file) when it cannot be read.
+    """
+    if path is None:
+        return None
+    try:
+        return path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read CA passphrase file {path}: {exc.strerror}") from None
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     mongodb_uri: str = "mongodb://127.0.0.1:27017/device_provisioning"
@@ -55,14 +68,7 @@ class ServerConfig:
     workers: int = 4
 
     def ca_passphrase(self) -> bytes | None:
-        if self.ca_passphrase_file is None:
-            return None
-        try:
-            return self.ca_passphrase_file.read_bytes().strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read ca.passphrase_file {self.ca_passphrase_file}: {exc.strerror}"
-            ) from None
+        return read_passphrase(self.ca_passphrase_file)
 
 
 # section.key in the file -> dataclass field

@@ -37,6 +37,7 @@ else:  # pragma: no cover
 
 from agent.birth import Endpoints
 from agent.protocol import CLIENT_ID_RE, normalise_mac
+from server.config import read_passphrase
 from server.errors import ConfigError
 
 ENV_CONFIG: Final = "PROVISION_STATION_CONFIG"
@@ -75,12 +76,7 @@ class StationConfig:
         return client_id
 
     def ca_passphrase(self) -> bytes | None:
-        if self.ca_passphrase_file is None:
-            return None
-        try:
-            return self.ca_passphrase_file.read_bytes().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read {self.ca_passphrase_file}: {exc.strerror}") from None
+        return read_passphrase(self.ca_passphrase_file)
 
 
 def _get(doc: Mapping[str, Any], section: str, key: str, where: Path) -> Any:
