@@ -11,12 +11,14 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from bench.provisioning_rate import (
@@ -242,7 +244,7 @@ def run_benchmark(
             stack.stop_servers()
             progress(f"registering {devices} more devices for the 2-server run")
             more = stack.register(f"scale-{uuid.uuid4().hex[:4]}", devices)
-            retained = stack.active_count()
+            retained = stack.active_count() + len(agent.boot_seconds)
             progress(f"starting 2 servers; waiting while they replay {retained} retained statuses")
             replay = (retained, stack.start_servers(2))
             progress(f"provisioning {devices} devices with 2 servers")
@@ -250,6 +252,10 @@ def run_benchmark(
         if fleet.failures:
             progress(f"{len(fleet.failures)} devices failed, e.g. {fleet.failures[0]}")
         return Report(ceiling, service, fleet, boots, agent, scaled, replay)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     counts = (args.devices, args.concurrency, args.first_boot_samples, args.agent_samples)
     if min(counts) < 1:
         parser.error("--devices, --concurrency and the sample counts must be at least 1")
+    # Ctrl-C or SIGTERM (even when started in the background, where SIGINT is ignored)
+    # unwinds through the context managers, which stop every process we started.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         workdir = Path(tmp) if args.workdir is None else args.workdir.resolve()
         workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -294,4 +304,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        progress("interrupted; everything started was stopped")
+        sys.exit(130)

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Final
@@ -31,7 +32,7 @@ from bench.lightweight_device import DeviceIdentity, DeviceTiming, provision
 from server.broker_config import BrokerLayout, start_local_broker
 from server.ca import CertificateAuthority
 from server.db import Database
-from server.devices import DeviceRepository
+from server.devices import DeviceRepository, utcnow
 from server.local_services import MongoWireServer, MosquittoBroker
 from server.provisioning import ProvisioningService, ServicePolicy
 from server.schema import DEVICES, DeviceStatus
@@ -40,6 +41,7 @@ from server.users import UserRepository
 
 POLL_INTERVAL_S: Final = 0.2
 SERVER_READY_TIMEOUT_S: Final = 20.0
+OFFLINE_TIMEOUT_S: Final = 86_400
 Progress = Callable[[str], None]
 
 
@@ -128,8 +130,16 @@ class BenchStack:
                 "--ca-dir", str(self.ca.paths.directory),
                 "--broker-host", "127.0.0.1", "--broker-port", str(self.layout.server_port),
             ]  # fmt: skip
+            # Light devices disconnect once online (no heartbeats), so the server's
+            # silence sweep (180 s by default) would turn them OFFLINE mid-run.
+            env = os.environ | {
+                "MONGODB_URI": self.mongodb_uri,
+                "PROVISION_SERVER_POLICY_OFFLINE_TIMEOUT_S": str(OFFLINE_TIMEOUT_S),
+            }
             with log.open("ab") as out:
-                self.servers.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT))
+                self.servers.append(
+                    subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+                )
             self._logs.append(log)
         deadline = time.monotonic() + SERVER_READY_TIMEOUT_S
         for proc, log in zip(self.servers, self._logs, strict=True):
@@ -197,10 +207,12 @@ class BenchStack:
             identities.append(identity)
         return identities
 
-    def active_count(self) -> int:
-        return self.database.collection(DEVICES).count_documents(
-            {"status": DeviceStatus.ACTIVE.value}
-        )
+    def active_count(self, since: datetime | None = None) -> int:
+        """Devices ACTIVE now (whose last status write was at or after ``since``)."""
+        query: dict[str, object] = {"status": DeviceStatus.ACTIVE.value}
+        if since is not None:
+            query["lastSeenAt"] = {"$gte": since}
+        return self.database.collection(DEVICES).count_documents(query)
 
     def statuses(self, client_ids: Sequence[str]) -> dict[str, str]:
         docs = self.database.collection(DEVICES).find(
@@ -258,6 +270,7 @@ class _Watch:
 
     stack: BenchStack
     target: int
+    since: datetime
     progress: Progress
     done_at: float | None = None
     rss_peak: int = 0
@@ -268,7 +281,7 @@ class _Watch:
         last_report = 0.0
         while not self.stop.is_set():
             self.rss_peak = max(self.rss_peak, self.stack.server_rss())
-            self.active = self.stack.active_count()
+            self.active = self.stack.active_count(self.since)
             now = time.monotonic()
             if self.active >= self.target and self.done_at is None:
                 self.done_at = now
@@ -287,16 +300,18 @@ def run_fleet(
     settle_timeout: float = 60.0,
 ) -> FleetResult:
     """Provision every identity (at most ``concurrency`` in flight) and wait for ACTIVE."""
-    baseline = stack.active_count()
     idle_rss = stack.server_rss()
-    watch = _Watch(stack, baseline + len(identities), progress)
+    # Counted by lastSeenAt: earlier batches' devices stay out of this one's count.
+    since = utcnow() - timedelta(milliseconds=5)
+    watch = _Watch(stack, len(identities), since, progress)
     watcher = threading.Thread(target=watch.run, name="bench-watch", daemon=True)
     root = stack.ca.paths.root_cert
     layout = stack.layout
     failures: list[str] = []
     timings: list[DeviceTiming] = []
     watcher.start()
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="device") as pool:
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="device")
+    try:
         futures = [
             pool.submit(provision, i, root, layout.provisioning_port, layout.operational_port)
             for i in identities
@@ -306,6 +321,12 @@ def run_fleet(
                 timings.append(future.result())
             except Exception as exc:
                 failures.append(f"{type(exc).__name__}: {exc}")
+    except BaseException:
+        # Ctrl-C: drop the queued devices; only those in flight still finish.
+        watch.stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
     watcher.join(settle_timeout)
     watch.stop.set()
     watcher.join()
