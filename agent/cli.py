@@ -1,19 +1,18 @@
 """``provision-agent``: run the device service, show its status, reset its identity.
 
 Exit codes: 0 success, 1 an operational error (one line on stderr), 2 usage.
-The ``run`` path imports click (it is the entry point) but nothing heavier:
-paho-mqtt and cryptography load only when the runner needs them.
+``run`` checks the config, then replaces this process with the click-free
+service process ``python -m agent run`` (same PID, agent/__main__.py), so the
+long-running service never holds click (design.md §7).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-import logging
+import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -37,16 +36,6 @@ def _config(path: Path | None) -> AgentConfig:
         return load_config(path)
     except AgentError as exc:
         _fail(exc.message)
-
-
-def _setup_logging(verbose: bool) -> None:
-    # One line per event on stderr: journald adds the time stamp.
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="level=%(levelname)s logger=%(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("paho").setLevel(logging.WARNING)
 
 
 config_option = click.option(
@@ -90,22 +79,13 @@ def main() -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def run(config_path: Path | None, verbose: bool) -> None:
     """Run the agent service until SIGTERM/SIGINT (exit 0 on a clean stop)."""
-    config = _config(config_path)
-    _setup_logging(verbose)
-    from agent.runner import AgentRunner
+    _config(config_path)  # a bad config is reported here, with the CLI's usual one line
+    from agent.runner import exec_service, service_argv
 
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     try:
-        code = AgentRunner(config).run(stop)
-    except AgentError as exc:
-        _fail(exc.message)
-    sys.exit(code)
+        exec_service(service_argv(config_path, verbose))
+    except OSError as exc:
+        _fail(f"cannot start the service ({sys.executable}): {os.strerror(exc.errno or 0)}")
 
 
 def collect_status(config: AgentConfig) -> dict[str, Any]:

@@ -37,7 +37,13 @@ from agent.errors import AgentError, ProvisioningRejected, StorageError
 from agent.keystore import FileKeyStore
 from agent.mqtt_link import LinkError, MqttLink, TlsIdentity
 from agent.protocol import ErrorCode, ProtocolError
-from agent.state import AgentState, StateRecord, StateStore, format_fields
+from agent.state import (
+    REJECTED_RETRY_FACTOR,
+    AgentState,
+    StateRecord,
+    StateStore,
+    format_fields,
+)
 from agent.storage import CertificateStore
 
 log = logging.getLogger("agent.provisioning")
@@ -48,8 +54,6 @@ _BACK_TO_TOKEN: Final = frozenset(
 )
 # A rejected CSR is never sent again: the next attempt uses a fresh key.
 _DROP_KEY: Final = frozenset({ErrorCode.CSR_INVALID})
-# A REJECTED device retries after this many times the backoff cap (1 h by default).
-REJECTED_RETRY_FACTOR: Final = 12.0
 
 Sleep = Callable[[float], bool]  # sleeps up to n seconds; True when the agent must stop
 

@@ -14,6 +14,10 @@ is used again and the renewal is retried later.
 A TLS refusal of the live certificate (revoked, expired, unknown CA) ends the
 session with ``SessionOutcome.REPROVISION``: the runner goes back to NEED_TOKEN
 with the birth identity.
+
+cryptography (key store, CSR, certificate checks) is imported only when a
+renewal needs it; with ``restart_after_renewal`` a completed renewal ends the
+session (``SessionOutcome.RESTART``) so the runner can restart without it.
 """
 
 from __future__ import annotations
@@ -25,19 +29,21 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import protocol
 from agent.backoff import Backoff
 from agent.birth import BirthIdentity, Endpoints
 from agent.config import TimingConfig
 from agent.errors import AgentError, ProvisioningRejected
-from agent.keystore import FileKeyStore
 from agent.mqtt_link import LinkError, MqttLink, TlsIdentity, Will
 from agent.protocol import ErrorCode
-from agent.provisioning import Sleep, parse_issued, store_certificate
 from agent.state import AgentState, StateRecord, StateStore, format_fields
 from agent.storage import CertificateStore
+
+if TYPE_CHECKING:
+    from agent.keystore import FileKeyStore
+    from agent.provisioning import Sleep
 
 log = logging.getLogger("agent.session")
 
@@ -45,6 +51,7 @@ log = logging.getLogger("agent.session")
 class SessionOutcome(Enum):
     STOPPED = "stopped"
     REPROVISION = "reprovision"
+    RESTART = "restart"  # renewed; the link is closed cleanly (the retained status stays online)
 
 
 def _now_iso() -> str:
@@ -65,11 +72,13 @@ class OperationalSession:
         ca_file: Path,
         timing: TimingConfig,
         states: StateStore,
-        keystore: FileKeyStore,
+        key_dir: Path,
         certs: CertificateStore,
         sleep: Sleep,
         stop: threading.Event,
         tick: Callable[[], None] = lambda: None,
+        *,
+        restart_after_renewal: bool = False,
     ) -> None:
         self.identity = identity
         self.client_id = identity.client_id
@@ -77,14 +86,21 @@ class OperationalSession:
         self.ca_file = ca_file
         self.timing = timing
         self.states = states
-        self.keystore = keystore
+        self.key_dir = key_dir
         self.certs = certs
         self.sleep = sleep
         self.stop = stop
         self.tick = tick
+        self.restart_after_renewal = restart_after_renewal
+        self._renewed = False
         self.backoff = Backoff(timing.backoff_initial_s, timing.backoff_max_s)
         self.renew_backoff = Backoff(timing.backoff_initial_s, timing.backoff_max_s)
         self._next_renew_try = 0.0
+
+    def _keystore(self) -> FileKeyStore:
+        from agent.keystore import FileKeyStore  # loads cryptography: renewal only
+
+        return FileKeyStore(self.key_dir)
 
     # --- connections -----------------------------------------------------------
 
@@ -164,6 +180,10 @@ class OperationalSession:
                 record = self.states.transition(record, AgentState.ACTIVE, "connected")
                 self.certs.prune(keep=1)  # a re-provisioned device's old certificate is revoked
             link, record = self._serve(link, record)
+            if self._renewed and self.restart_after_renewal and not self.stop.is_set():
+                link.close()  # clean DISCONNECT: no last will, the status stays "online"
+                log.info("%s", format_fields(event="session_restart", reason="renewed"))
+                return record, SessionOutcome.RESTART
             if self.stop.is_set():
                 self._close(link, offline=True)
                 log.info("%s", format_fields(event="stopped", client=self.client_id))
@@ -181,6 +201,8 @@ class OperationalSession:
         """Heartbeat and renew while connected; return when the link drops or stop is set."""
         next_heartbeat = time.monotonic() + self.timing.heartbeat_s
         while link.connected and not self.stop.is_set():
+            if self._renewed and self.restart_after_renewal:
+                break  # run() closes the link and hands over to the runner
             self.tick()
             if time.monotonic() >= next_heartbeat:
                 try:
@@ -211,11 +233,14 @@ class OperationalSession:
         return time.time() >= renew_at(self.certs.meta(version), self.timing.renew_fraction)
 
     def _renew(self, link: MqttLink, record: StateRecord) -> tuple[MqttLink, StateRecord]:
+        from agent.provisioning import parse_issued, store_certificate  # cryptography
+
+        keystore = self._keystore()
         try:
             if record.state != AgentState.RENEWING or record.key_slot is None:
                 record, slot = self.states.next_slot(record)
-                self.keystore.generate(slot)
-                csr = self.keystore.build_csr(slot, self.client_id, self.identity.mac).decode()
+                keystore.generate(slot)
+                csr = keystore.build_csr(slot, self.client_id, self.identity.mac).decode()
                 record = self.states.transition(
                     record, AgentState.RENEWING, "renewal due", key_slot=slot, csr=csr
                 )
@@ -232,7 +257,7 @@ class OperationalSession:
                     raise ProvisioningRejected(response.error)
                 issued = parse_issued(response.fields)
                 version = store_certificate(
-                    self.certs, self.keystore, record.key_slot, self.client_id, issued
+                    self.certs, keystore, record.key_slot, self.client_id, issued
                 )
                 record = self.states.update(record, renew_version=version)
         except ProvisioningRejected as exc:
@@ -294,10 +319,11 @@ class OperationalSession:
             csr=None,
         )
         if slot is not None:
-            self.keystore.delete(slot)  # the version holds its own link to the key
+            self._keystore().delete(slot)  # the version holds its own link to the key
         self.certs.prune(keep=1)
         self.renew_backoff.reset()
         self._next_renew_try = 0.0
+        self._renewed = True
         return link, record
 
     def _renew_failed(self, record: StateRecord, code: ErrorCode, message: str) -> StateRecord:
@@ -320,7 +346,7 @@ class OperationalSession:
         )
         if slot is not None:
             try:
-                self.keystore.delete(slot)
+                self._keystore().delete(slot)
             except AgentError as exc:
                 log.warning("%s", format_fields(event="key_delete_failed", error=exc.message))
         if self._next_renew_try <= time.monotonic():

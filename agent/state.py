@@ -31,6 +31,8 @@ from agent.errors import StorageError
 from agent.storage import ensure_private_dir, read_json, write_json_atomic
 
 STATE_FILE: Final = "state.json"
+# A REJECTED device retries after this many times the backoff cap (1 h by default).
+REJECTED_RETRY_FACTOR: Final = 12.0
 log = logging.getLogger("agent.state")
 
 

@@ -8,14 +8,19 @@ twice (nothing was superseded, so nothing is on the revocation list).
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from server.schema import CERTIFICATE_REVOCATIONS
 from tests.test_agent_provisioning import (
+    REPO,
     AgentProcess,
     Fleet,
     agent_factory,  # noqa: F401 (fixture)
@@ -92,3 +97,27 @@ def test_repeated_crashes_converge(
         agent.kill(signal.SIGKILL)
     agent.start()
     assert_converged(fleet, agent)
+
+
+def test_stop_signal_pending_at_a_restart_stops_the_new_process(tmp_path: Path) -> None:
+    """A restart (``exec_service``) keeps SIGTERM/SIGINT blocked across ``execve``; the new
+    service process takes the pending signal once its handler is in place and exits 0,
+    instead of running on with the stop lost (or dying by the signal)."""
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[device]\nstate_dir = "{tmp_path / "state"}"\n')
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from agent.runner import STOP_SIGNALS, exec_service, service_argv\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)  # arrives while the process switches\n"
+        "exec_service(service_argv(Path(sys.argv[1]), False))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROVISION_AGENT_")}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(config)],
+        cwd=REPO, env=env, capture_output=True, timeout=30,
+    )  # fmt: skip
+    log = done.stderr.decode()
+    assert done.returncode == 0, log
+    assert "event=start" in log and "event=exit" in log, log
