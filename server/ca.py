@@ -27,36 +27,64 @@ certificate CRL"). The tests verify this with a real Mosquitto.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import ipaddress
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Final, Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from agent.protocol import mac_uri
 from agent.storage import atomic_write, fsync_dir, write_new_file
+from server.certificate_builder import (
+    CLOCK_SKEW,
+    DevicePublicKey,
+    ca_certificate,
+    certificate_pem,
+    crl_pem,
+    fingerprint_sha256,
+    leaf_certificate,
+    new_ec_key,
+    private_key_pem,
+    serial_hex,
+    subject_name,
+)
 from server.errors import CaError
+
+__all__ = [
+    "BROKER_VALIDITY",
+    "CLOCK_SKEW",
+    "DEFAULT_BIRTH_VALIDITY",
+    "DEFAULT_DEVICE_VALIDITY",
+    "INTERMEDIATE_VALIDITY",
+    "ROOT_VALIDITY",
+    "SERVER_CLIENT_CN",
+    "CaPaths",
+    "CertificateAuthority",
+    "DevicePublicKey",
+    "fingerprint_sha256",
+    "serial_hex",
+]
 
 SERVER_CLIENT_CN: Final = "provisioning-server"
 """CN of the server's own MQTT identity; never issued to a device."""
 
-CLOCK_SKEW: Final = timedelta(minutes=5)
 ROOT_VALIDITY: Final = timedelta(days=365 * 30)
 INTERMEDIATE_VALIDITY: Final = timedelta(days=365 * 25)
 BROKER_VALIDITY: Final = timedelta(days=365 * 5)
 DEFAULT_DEVICE_VALIDITY: Final = timedelta(days=90)
 DEFAULT_BIRTH_VALIDITY: Final = timedelta(days=365 * 20)
 
-DevicePublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+KEY_FILE_MODE: Final = 0o600
+CERT_FILE_MODE: Final = 0o644
+"""Certificates, chains and the CRL are public and read by Mosquitto (maybe another user)."""
 
 
 @dataclass(frozen=True)
@@ -91,136 +119,6 @@ class CaPaths:
     def material(self) -> list[Path]:
         """Every file ``init`` writes (not the CRL, which is written later)."""
         return [getattr(self, f.name) for f in fields(self) if f.name not in ("directory", "crl")]
-
-
-def fingerprint_sha256(cert: x509.Certificate) -> str:
-    """Lowercase hex SHA-256 over the certificate's DER encoding (no colons)."""
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
-
-
-def serial_hex(cert: x509.Certificate) -> str:
-    """Serial number as uppercase hex without colons or leading zeros (``format(n, "X")``).
-
-    This is the spelling stored in ``certificateSerial`` and matched on revocation.
-    """
-    return format(cert.serial_number, "X")
-
-
-# --- file helpers -------------------------------------------------------------
-
-KEY_FILE_MODE: Final = 0o600
-CERT_FILE_MODE: Final = 0o644
-"""Certificates, chains and the CRL are public and read by Mosquitto (maybe another user)."""
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey, passphrase: bytes | None) -> bytes:
-    encryption: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(passphrase)
-        if passphrase
-        else serialization.NoEncryption()
-    )
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
-    )
-
-
-def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-# --- certificate building -----------------------------------------------------
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _name(common_name: str, organization: str | None = None) -> x509.Name:
-    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
-    if organization:
-        attrs.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
-    return x509.Name(attrs)
-
-
-def _new_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _ca_certificate(
-    subject: x509.Name,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: x509.Certificate | None,
-    issuer_key: ec.EllipticCurvePrivateKey,
-    path_length: int | None,
-    validity: timedelta,
-) -> x509.Certificate:
-    now = _now()
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer.subject if issuer else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(now + validity)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
-        .add_extension(
-            _key_usage(ca=True),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    )
-    if issuer is not None:
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
-            critical=False,
-        )
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _key_usage(*, ca: bool) -> x509.KeyUsage:
-    """CA: keyCertSign + cRLSign; leaf: digitalSignature only (ECDHE, no key transport)."""
-    return x509.KeyUsage(
-        digital_signature=not ca, content_commitment=False, key_encipherment=False,
-        data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
-        encipher_only=False, decipher_only=False,
-    )  # fmt: skip
-
-
-def _leaf_certificate(
-    *,
-    subject: x509.Name,
-    public_key: DevicePublicKey,
-    issuer: x509.Certificate,
-    issuer_key: ec.EllipticCurvePrivateKey,
-    san: list[x509.GeneralName] | None,
-    eku: x509.ObjectIdentifier,
-    validity: timedelta,
-    not_before: datetime | None,
-) -> x509.Certificate:
-    start = not_before if not_before is not None else _now() - CLOCK_SKEW
-    # A certificate that outlives its issuer fails validation anyway; clamp it.
-    end = min(start + validity, issuer.not_valid_after_utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer.subject)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(ca=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
-            critical=False,
-        )
-    )
-    if san:
-        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
 
 
 # --- the CA -------------------------------------------------------------------
@@ -276,36 +174,36 @@ class CertificateAuthority:
         os.chmod(paths.directory, 0o700)
 
         # Build everything in memory first, so a failure leaves nothing behind.
-        root_key, device_key, factory_key = _new_key(), _new_key(), _new_key()
-        root = _ca_certificate(
-            _name(f"{organization} Root CA", organization),
+        root_key, device_key, factory_key = new_ec_key(), new_ec_key(), new_ec_key()
+        root = ca_certificate(
+            subject_name(f"{organization} Root CA", organization),
             root_key,
             None,
             root_key,
             1,
             ROOT_VALIDITY,
         )
-        device_ca = _ca_certificate(
-            _name(f"{organization} Device CA", organization),
+        device_ca = ca_certificate(
+            subject_name(f"{organization} Device CA", organization),
             device_key,
             root,
             root_key,
             0,
             INTERMEDIATE_VALIDITY,
         )
-        factory_ca = _ca_certificate(
-            _name(f"{organization} Factory CA", organization),
+        factory_ca = ca_certificate(
+            subject_name(f"{organization} Factory CA", organization),
             factory_key,
             root,
             root_key,
             0,
             INTERMEDIATE_VALIDITY,
         )
-        broker_key, client_key = _new_key(), _new_key()
+        broker_key, client_key = new_ec_key(), new_ec_key()
         san: list[x509.GeneralName] = [x509.DNSName(n) for n in server_names]
         san.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
-        broker = _leaf_certificate(
-            subject=_name(server_names[0], organization),
+        broker = leaf_certificate(
+            subject=subject_name(server_names[0], organization),
             public_key=broker_key.public_key(),
             issuer=root,
             issuer_key=root_key,
@@ -314,8 +212,8 @@ class CertificateAuthority:
             validity=BROKER_VALIDITY,
             not_before=None,
         )
-        client = _leaf_certificate(
-            subject=_name(SERVER_CLIENT_CN),
+        client = leaf_certificate(
+            subject=subject_name(SERVER_CLIENT_CN),
             public_key=client_key.public_key(),
             issuer=device_ca,
             issuer_key=device_key,
@@ -326,22 +224,22 @@ class CertificateAuthority:
         )
 
         keys = [
-            (paths.root_key, _key_pem(root_key, passphrase)),
-            (paths.device_ca_key, _key_pem(device_key, passphrase)),
-            (paths.factory_ca_key, _key_pem(factory_key, passphrase)),
-            (paths.broker_key, _key_pem(broker_key, None)),
-            (paths.server_client_key, _key_pem(client_key, None)),
+            (paths.root_key, private_key_pem(root_key, passphrase)),
+            (paths.device_ca_key, private_key_pem(device_key, passphrase)),
+            (paths.factory_ca_key, private_key_pem(factory_key, passphrase)),
+            (paths.broker_key, private_key_pem(broker_key, None)),
+            (paths.server_client_key, private_key_pem(client_key, None)),
         ]
         files = [
-            (paths.root_cert, _pem(root)),
-            (paths.device_ca_cert, _pem(device_ca)),
-            (paths.factory_ca_cert, _pem(factory_ca)),
-            (paths.broker_cert, _pem(broker)),
+            (paths.root_cert, certificate_pem(root)),
+            (paths.device_ca_cert, certificate_pem(device_ca)),
+            (paths.factory_ca_cert, certificate_pem(factory_ca)),
+            (paths.broker_cert, certificate_pem(broker)),
             # Leaf + device CA: the provisioning listener trusts only factory CA + root,
             # so the server must present its intermediate to connect there as well.
-            (paths.server_client_cert, _pem(client) + _pem(device_ca)),
-            (paths.device_ca_chain, _pem(device_ca) + _pem(root)),
-            (paths.factory_ca_chain, _pem(factory_ca) + _pem(root)),
+            (paths.server_client_cert, certificate_pem(client) + certificate_pem(device_ca)),
+            (paths.device_ca_chain, certificate_pem(device_ca) + certificate_pem(root)),
+            (paths.factory_ca_chain, certificate_pem(factory_ca) + certificate_pem(root)),
         ]
         written: list[Path] = []
         try:
@@ -423,8 +321,8 @@ class CertificateAuthority:
             raise CaError(f"clientId {client_id!r} is reserved for the server")
         if validity <= timedelta(0):
             raise CaError("certificate validity must be positive")
-        return _leaf_certificate(
-            subject=_name(client_id),
+        return leaf_certificate(
+            subject=subject_name(client_id),
             public_key=public_key,
             issuer=issuer,
             issuer_key=issuer_key,
@@ -456,25 +354,7 @@ class CertificateAuthority:
             if issuer == "device"
             else (self.factory_ca, self._factory_key)
         )
-        now = _now()
-        builder = (
-            x509.CertificateRevocationListBuilder()
-            .issuer_name(ca.subject)
-            .last_update(now - CLOCK_SKEW)
-            .next_update(now + next_update)
-            # Milliseconds since the epoch: increases across processes without stored state.
-            .add_extension(x509.CRLNumber(int(now.timestamp() * 1000)), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()),
-                critical=False,
-            )
-        )
-        for serial, when in revoked:
-            builder = builder.add_revoked_certificate(
-                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
-            )
-        crl = builder.sign(key, hashes.SHA256())
-        return crl.public_bytes(serialization.Encoding.PEM)
+        return crl_pem(ca, key, revoked, next_update)
 
     def write_crl(self, pem: bytes) -> Path:
         """Atomically replace ``crl.pem`` (then SIGHUP Mosquitto to apply it)."""
@@ -485,15 +365,15 @@ class CertificateAuthority:
 
     @property
     def device_ca_chain_pem(self) -> bytes:
-        return _pem(self.device_ca) + _pem(self.root)
+        return certificate_pem(self.device_ca) + certificate_pem(self.root)
 
     @property
     def factory_ca_chain_pem(self) -> bytes:
-        return _pem(self.factory_ca) + _pem(self.root)
+        return certificate_pem(self.factory_ca) + certificate_pem(self.root)
 
     @property
     def root_pem(self) -> bytes:
-        return _pem(self.root)
+        return certificate_pem(self.root)
 
     @property
     def broker_cert_path(self) -> Path:
