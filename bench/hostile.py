@@ -10,7 +10,11 @@ the same inputs. Exit status 1 when a check fails.
 
 from __future__ import annotations
 
+import argparse
 import os
+import random
+import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,6 +41,8 @@ from server.users import UserRepository
 MB = 1024 * 1024
 MEMORY_LIMIT_MB = 20.0
 # A sweep of silent ACTIVE devices is a legitimate write; the hostile run must not see one.
+# Families that hold exact replays, answered "ok" with no change (same certificate, same serial).
+IDEMPOTENT_FAMILIES = frozenset({"replay", "renew-confirm", "byte-mutated"})
 QUIET_SERVER_ENV = {"PROVISION_SERVER_POLICY_OFFLINE_TIMEOUT_S": "86400"}
 
 
@@ -235,6 +241,9 @@ class HostileReport:
             problems.append(f"direct batches changed the database: {self.direct.changed_batches}")
         if not self.server_alive or not self.valid_after:
             problems.append("the server did not answer a valid request afterwards")
+        accepted = set(self.broker.ok_by_family) - IDEMPOTENT_FAMILIES
+        if accepted:
+            problems.append(f"mutated inputs were accepted: {sorted(accepted)}")
         if self.broker.internal or self.direct.internal:
             problems.append(
                 f"INTERNAL answers: {(self.broker.internal + self.direct.internal)[:5]}"
@@ -267,7 +276,21 @@ def run_messages(
             send_over_broker(sessions, batch, server, broker)
         service = ProvisioningService(services.database, services.ca)
         direct = run_direct(service, factory, direct_count)
-        unchanged = snapshot(services.database) == before
+        after = snapshot(services.database)
+        unchanged = after == before
+        if not unchanged:
+            changed = [
+                name
+                for name in sorted(set(before) | set(after))
+                if before.get(name) != after.get(name)
+            ]
+            print(f"changed collections: {changed}")
+            for name in changed:
+                old_docs = {bson.decode(d)["_id"]: bson.decode(d) for d in before.get(name, [])}
+                for d in after.get(name, []):
+                    doc = bson.decode(d)
+                    if old_docs.get(doc["_id"]) != doc:
+                        print(f"  {name}: {old_docs.get(doc['_id'])} -> {doc}")
         alive = server.alive
         # A valid request afterwards: the unallocated device is allocated and asks for a token.
         repo = DeviceRepository(services.database)
@@ -293,3 +316,82 @@ def _user_id(database: Database) -> Any:
     doc = database.collection("users").find_one({})
     assert doc is not None
     return doc["_id"]
+
+
+# --- command line ----------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.hostile", description=__doc__)
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--broker-share", type=float, default=0.9, help="fraction via the broker")
+    parser.add_argument("--frames", type=int, default=20_000, help="mutated serial frames")
+    parser.add_argument("--churn", action="store_true", help="run the churn test instead")
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args(argv)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
+    print(f"seed {seed} (replay with --seed {seed})", flush=True)
+    from bench.provisioning_rate import BenchStack
+
+    with tempfile.TemporaryDirectory(prefix="hostile-") as tmp:
+        workdir = Path(tmp)
+        with BenchStack(workdir, lambda m: print(m, file=sys.stderr, flush=True)) as stack:
+            services = Services(stack.database, stack.mongodb_uri, stack.ca, stack.layout, workdir)
+            if args.churn:
+                from bench.churn import churn
+
+                outcome = churn(
+                    stack.database, stack.mongodb_uri, stack.ca, stack.layout, workdir,
+                    devices=args.devices, seconds=args.seconds, seed=seed,
+                )  # fmt: skip
+                actions = dict(outcome.actions)
+                print(f"devices {outcome.devices}, {outcome.seconds:.0f} s, actions {actions}")
+                print(f"connected at the end {outcome.connected_at_end}, "
+                      f"database converged in {outcome.converge_seconds:.1f} s")  # fmt: skip
+                problems = outcome.failures()
+            else:
+                from bench.hostile_serial import run_frames
+
+                via_broker = round(args.messages * args.broker_share)
+                report = run_messages(
+                    services, seed=seed, broker_count=via_broker,
+                    direct_count=args.messages - via_broker,
+                )  # fmt: skip
+                report.frames = run_frames(workdir, args.frames, seed)
+                _print_report(report)
+                problems = report.failures()
+    for problem in problems:
+        print(f"FAIL: {problem}")
+    print("OK" if not problems else "FAILED")
+    return 1 if problems else 0
+
+
+def _print_report(report: HostileReport) -> None:
+    b, d, f = report.broker, report.direct, report.frames
+    rss = [x / MB for x in b.rss_samples]
+    rows = [
+        ("via broker", f"{b.sent} messages ({b.requests} requests, {b.statuses} status) "
+         f"in {b.seconds:.1f} s = {b.sent / max(b.seconds, 1e-9):.0f}/s"),
+        ("  answers", ", ".join(f"{k} {v}" for k, v in b.codes.most_common())),
+        ("  ok (replays)", ", ".join(f"{k} {v}" for k, v in b.ok_by_family.items()) or "-"),
+        ("  server RSS", f"{min(rss):.1f}..{max(rss):.1f} MB, growth after warm-up "
+         f"{memory_growth_mb(b.rss_samples):.1f} MB"),
+        ("direct", f"{d.sent} messages in {d.seconds:.1f} s "
+         f"= {d.sent / max(d.seconds, 1e-9):.0f}/s"),
+        ("  answers", ", ".join(f"{k} {v}" for k, v in d.codes.most_common())),
+        ("database", "unchanged" if report.database_unchanged and not d.changed_batches
+         else "CHANGED"),
+        ("server", "alive, answers a valid request" if report.server_alive and report.valid_after
+         else "FAILED"),
+        ("serial frames", f"{f.sent} frames, {f.bytes_sent} B in {f.seconds:.1f} s, console "
+         f"{'alive' if f.console_alive else 'DEAD'}, INFO after: {f.info_after.get('state')}, "
+         f"state dir files: {len(f.state_files)}"),
+    ]  # fmt: skip
+    for name, value in rows:
+        print(f"{name:<16} {value}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

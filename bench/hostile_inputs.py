@@ -301,8 +301,8 @@ class MessageFactory:
             return der_pem(bytes(der), label)
         if how == 1:
             return der_pem(bytes(der[: r.randrange(len(der))]), label)
-        if how == 2:
-            return pem[: r.randrange(len(pem))]
+        if how == 2:  # cut before the END line: a PEM that lost only its newline is intact
+            return pem[: r.randrange(pem.index("-----END"))]
         lines = pem.splitlines()
         lines.insert(r.randrange(1, len(lines)), "!!!!")
         return "\n".join(lines)

@@ -113,7 +113,15 @@ class Session:
     """One MQTT v5 mTLS connection that pipelines QoS 1 publishes and collects replies."""
 
     def __init__(
-        self, client_id: str, port: int, root_ca: Path, cert: Path, key: Path, *, name: str = ""
+        self,
+        client_id: str,
+        port: int,
+        root_ca: Path,
+        cert: Path,
+        key: Path,
+        *,
+        name: str = "",
+        will: bool = False,
     ) -> None:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(root_ca))
         context.load_cert_chain(str(cert), str(key))
@@ -127,6 +135,13 @@ class Session:
         self.client.tls_set_context(context)
         self.client.max_inflight_messages_set(WINDOW)
         self.client.max_queued_messages_set(0)
+        if will:  # what the agent sets: a retained "offline" on the device's status topic
+            self.client.will_set(
+                protocol.status_topic(client_id),
+                protocol.encode({"status": "offline"}),
+                qos=1,
+                retain=True,
+            )
         self.cond = threading.Condition()
         self.connack: ReasonCode | None = None
         self.acked: set[int] = set()

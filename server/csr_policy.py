@@ -60,7 +60,7 @@ class CsrPolicy:
         data = _single_pem(pem, self.max_pem_bytes)
         try:
             csr = x509.load_pem_x509_csr(data)
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
             raise CsrInvalid(f"CSR does not parse: {exc}") from None
         try:
             signature_valid = csr.is_signature_valid

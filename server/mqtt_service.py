@@ -70,9 +70,15 @@ class ProvisioningServer:
         self.workers = workers
         self.sweep_interval = sweep_interval
         self._queue: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue(QUEUE_LIMIT)
+        # Status messages are applied by ONE worker, in arrival order: a device's
+        # last will "offline" and its next session's "online" must not race.
+        self._status_queue: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue(QUEUE_LIMIT)
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._status_thread = threading.Thread(
+            target=self._work, args=(self._status_queue,), name="status-worker", daemon=True
+        )
         # Responses not yet acknowledged by the broker: stop() waits for them,
         # since paho drops queued QoS 1 messages beyond its in-flight window
         # once DISCONNECT goes out.
@@ -123,8 +129,9 @@ class ProvisioningServer:
             log.warning("event=broker-disconnect reason=%s (reconnecting)", reason)
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        status = message.topic.startswith("devices/") and message.topic.endswith("/status")
         try:
-            self._queue.put_nowait(message)
+            (self._status_queue if status else self._queue).put_nowait(message)
         except queue.Full:
             # Not acknowledged: the broker redelivers it if we reconnect; the
             # device's own timeout and retry cover the rest.
@@ -132,9 +139,9 @@ class ProvisioningServer:
 
     # --- workers -------------------------------------------------------------
 
-    def _work(self) -> None:
+    def _work(self, source: queue.Queue[mqtt.MQTTMessage | None]) -> None:
         while True:
-            message = self._queue.get()
+            message = source.get()
             if message is None:
                 return
             try:
@@ -187,9 +194,12 @@ class ProvisioningServer:
 
     def start(self) -> None:
         for index in range(self.workers):
-            thread = threading.Thread(target=self._work, name=f"worker-{index}", daemon=True)
+            thread = threading.Thread(
+                target=self._work, args=(self._queue,), name=f"worker-{index}", daemon=True
+            )
             thread.start()
             self._threads.append(thread)
+        self._status_thread.start()
         sweeper = threading.Thread(target=self._sweep, name="sweeper", daemon=True)
         sweeper.start()
         self.client.connect_async(self.endpoint.host, self.endpoint.port, keepalive=30)
@@ -205,7 +215,11 @@ class ProvisioningServer:
             self.client.unsubscribe(list(FILTERS))
         for _ in self._threads:
             self._queue.put(None)
-        for thread in self._threads:
+        threads = list(self._threads)
+        if self._status_thread.is_alive():
+            self._status_queue.put(None)
+            threads.append(self._status_thread)
+        for thread in threads:
             thread.join(timeout)
         with self._unconfirmed_lock:
             unconfirmed = list(self._unconfirmed)

@@ -17,8 +17,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent import protocol
 from agent.keystore import build_csr
 from agent.protocol import ErrorCode, ProtocolError
+from bench.churn import churn
 from bench.hostile import Services, memory_growth_mb, run_messages
 from bench.hostile_inputs import der_pem
+from bench.hostile_serial import run_frames
 from server.ca import CertificateAuthority
 from server.csr_policy import CsrPolicy
 from server.db import Database
@@ -49,8 +51,8 @@ def test_hostile_messages_change_nothing_and_the_server_survives(
 
 def _der_with(pem: bytes, old: bytes, new: bytes) -> str:
     der = x509.load_pem_x509_csr(pem).public_bytes(serialization.Encoding.DER)
-    assert der.count(old) == 1
-    return der_pem(der.replace(old, new), "CERTIFICATE REQUEST")
+    assert old in der
+    return der_pem(der.replace(old, new, 1), "CERTIFICATE REQUEST")
 
 
 @pytest.mark.parametrize(
@@ -58,9 +60,10 @@ def _der_with(pem: bytes, old: bytes, new: bytes) -> str:
     [
         (bytes.fromhex("06072a8648ce3d0201"), bytes.fromhex("06072a8648ce3d0001")),  # key OID
         (b"\x03\x42\x00\x04", b"\x03\x42\x00\x07"),  # point encoding
+        (b"\x02\x01\x00", b"\x02\x01\x04"),  # CSR version 4 (InvalidVersion)
     ],
 )
-def test_csr_with_a_mangled_public_key_is_csr_invalid_not_a_crash(old: bytes, new: bytes) -> None:
+def test_mangled_csr_is_csr_invalid_not_a_crash(old: bytes, new: bytes) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     mangled = _der_with(build_csr(key, "dev-1", "02:00:00:00:00:01"), old, new)
     with pytest.raises(CsrInvalid):
@@ -80,3 +83,28 @@ def test_unpaired_surrogates_are_bad_requests(payload: bytes) -> None:
     assert caught.value.code is ErrorCode.BAD_REQUEST
     with pytest.raises(ProtocolError):
         protocol.parse_status(b'{"v":1,"status":"error","error":"\\ud800"}')
+
+
+def test_mutated_serial_frames_never_kill_the_console(tmp_path: Path) -> None:
+    print(f"hostile seed: {SEED}")
+    outcome = run_frames(tmp_path, 5000, SEED)
+    assert outcome.sent == 5000 and outcome.bytes_answered > 0
+    assert outcome.failures() == [], f"seed {SEED}"
+
+
+def test_churn_ends_with_every_status_matching_the_connection(
+    database: Database,
+    mongodb_uri: str,
+    ca: CertificateAuthority,
+    broker: LocalBroker,
+    tmp_path: Path,
+) -> None:
+    print(f"churn seed: {SEED}")
+    outcome = churn(
+        database, mongodb_uri, ca, broker.layout, tmp_path, devices=100, seconds=15, seed=SEED
+    )
+    print(outcome)
+    assert sum(outcome.actions.values()) > 200
+    assert {"connect", "clean", "will", "drop"} <= set(outcome.actions)
+    assert 0 < outcome.connected_at_end < 100
+    assert outcome.failures() == [], f"seed {SEED}"
