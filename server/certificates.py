@@ -68,9 +68,15 @@ class CertificateRecords:
         user_id: ObjectId | None,
         cert: IssuedCertificate,
         reason: str = "superseded",
+        *,
+        first_certificate: bool = False,
     ) -> None:
-        """Make ``cert`` the device's active certificate; revoke the one it replaces."""
-        previous = self.current(client_id)
+        """Make ``cert`` the device's active certificate; revoke the one it replaces.
+
+        ``first_certificate`` (the device document held no certificate before)
+        saves the read of the previous record: there is nothing to revoke.
+        """
+        previous = None if first_certificate else self.current(client_id)
         if previous is not None and previous.get("fingerprint") == cert.fingerprint:
             return  # already recorded (a retry after a crash)
         if previous is not None and previous.get("serial"):

@@ -45,6 +45,7 @@ from server.errors import (
     WrongState,
 )
 from server.schema import DEVICE_CERTIFICATES, DeviceStatus
+from server.status_writer import StatusBatcher, StatusChange
 from server.tokens import TokenIssuer, TokenRateLimiter, token_matches
 
 log = logging.getLogger("provision.server")
@@ -94,8 +95,10 @@ class ProvisioningService:
         ca: CertificateAuthority,
         policy: ServicePolicy | None = None,
         csr_policy: CsrPolicy | None = None,
+        status_writer: StatusBatcher | None = None,
     ) -> None:
         self.database = database
+        self.status_writer = status_writer
         self.ca = ca
         self.policy = policy or ServicePolicy()
         self.csr_policy = csr_policy or CsrPolicy()
@@ -237,7 +240,9 @@ class ProvisioningService:
         if result.matched_count == 0:
             # Another request with this token won the race: answer with its certificate.
             return self._repeat_issued(self._device(client_id), checked.public_key)
-        self.records.record_issued(client_id, device.get("userId"), cert)
+        self.records.record_issued(
+            client_id, device.get("userId"), cert, first_certificate=device.get("crt") is None
+        )
         log.info("event=certificate-issued device=%s serial=%s", client_id, cert.serial)
         return self._certificate_fields(cert.pem, chain, cert.serial, cert.expires_at)
 
@@ -373,9 +378,11 @@ class ProvisioningService:
     def _set_status(
         self, client_id: str, expected: frozenset[DeviceStatus], new: DeviceStatus, fields: Document
     ) -> None:
-        self.devices.transition(
-            client_id, expected=expected, new=new, set_fields={"lastSeenAt": utcnow(), **fields}
-        )
+        fields = {"lastSeenAt": utcnow(), **fields}
+        if self.status_writer is not None:
+            self.status_writer.submit(client_id, StatusChange(expected, new, fields))
+        else:
+            self.devices.transition(client_id, expected=expected, new=new, set_fields=fields)
         with self._status_lock:
             self._last_status_write[client_id] = (new.value, time.monotonic())
         log.info("event=status device=%s status=%s", client_id, new.value)

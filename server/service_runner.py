@@ -14,6 +14,7 @@ from server.config import ServerConfig
 from server.db import Database
 from server.mqtt_service import BrokerEndpoint, ProvisioningServer
 from server.provisioning import ProvisioningService, ServicePolicy
+from server.status_writer import StatusBatcher
 
 
 def configure_logging(verbose: bool) -> None:
@@ -45,7 +46,8 @@ def run_service(config: ServerConfig, *, verbose: bool = False) -> None:
     ca = CertificateAuthority.load(config.ca_dir, config.ca_passphrase())
     database = Database(config.mongodb_uri)
     database.init()
-    service = ProvisioningService(database, ca, policy_of(config))
+    status_writer = StatusBatcher(database).start()
+    service = ProvisioningService(database, ca, policy_of(config), status_writer=status_writer)
     server = ProvisioningServer(
         service,
         ca,
@@ -75,6 +77,7 @@ def run_service(config: ServerConfig, *, verbose: bool = False) -> None:
     stop.wait()
     log.info("event=stopping")
     server.stop()
+    status_writer.stop()
     if sync is not None:
         sync.stop()
     database.close()

@@ -379,3 +379,36 @@ def test_token_requests_in_a_loop_are_rate_limited_without_database_writes(
     other = DeviceKit("board-10", "02:00:00:00:00:0A", service_ca)
     register(database, other, user_id)
     assert answer(limited, other.client_id, other.token_request())["ok"]  # per device
+
+
+def test_batched_status_writes_apply_latest_per_device_and_respect_the_state_guard(
+    database: Database, service_ca: CertificateAuthority, user_id: ObjectId
+) -> None:
+    from server.status_writer import StatusBatcher
+
+    writer = StatusBatcher(database)
+    batched = ProvisioningService(
+        database,
+        service_ca,
+        ServicePolicy(status_write_interval=0.0, token_min_interval=0.0),
+        status_writer=writer,
+    )
+    kits = [DeviceKit(f"batch-{i}", f"02:00:00:00:0B:{i:02X}", service_ca) for i in range(20)]
+    for kit in kits:
+        register(database, kit, user_id)
+        provision(batched, kit)
+    DeviceRepository(database).add("02:00:00:00:0B:FF", "batch-unprovisioned")
+    for kit in kits:
+        batched.handle_status(kit.client_id, b'{"v":1,"status":"offline"}')
+        batched.handle_status(kit.client_id, b'{"v":1,"status":"online"}')  # latest wins
+    batched.handle_status("batch-unprovisioned", b'{"v":1,"status":"online"}')
+    waiting = database.collection(DEVICES).count_documents({"status": "PROVISIONED"})
+    assert waiting == 20  # nothing written until the flush
+    assert writer.flush() == 20
+    statuses = {
+        d["clientId"]: d["status"]
+        for d in database.collection(DEVICES).find({"clientId": {"$regex": "^batch-"}})
+    }
+    assert statuses.pop("batch-unprovisioned") == "UNALLOCATED"  # guard held
+    assert set(statuses.values()) == {"ACTIVE"}
+    assert writer.flush() == 0
