@@ -1,9 +1,10 @@
 """The README's main job: the whole story on embedded defaults, nothing to configure.
 
 A local MongoDB-wire server (or MONGODB_URI), Mosquitto with generated TLS,
-`provision-server run`, a few simulated boards with their birth identity and
-registered UNALLOCATED, allocation to a user, agents provisioning to ACTIVE,
-one agent stopped (OFFLINE), and the fleet as the database holds it.
+`provision-server run`, a few simulated boards whose factory consoles the
+station programs over pty cables (birth identity, registered UNALLOCATED),
+allocation to a user, agents provisioning to ACTIVE, one agent stopped
+(OFFLINE), and the fleet as the database holds it.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import click
 
 from server.cli_output import DEVICE_HEADERS, device_row, table
 from server.devices import DeviceRepository, utcnow
-from server.errors import DeviceConflict, ServerError
+from server.errors import ServerError
 from server.schema import DeviceStatus
-from server.simulated_fleet import LocalStack, SimulatedBoard
+from server.simulated_fleet import LocalStack, SimulatedBoard, program_boards
+from server.station.batch import ProgressPrinter, format_table
 from server.users import UserRepository
 
 BOARDS = (
@@ -77,13 +79,21 @@ def main(workdir: Path, keep_running: bool | None) -> None:
         for mac, client_id in BOARDS:
             board = SimulatedBoard(stack.workdir / "boards" / client_id, client_id, mac)
             board.prepare()
-            board.factory_identity(stack.ca, stack.endpoints)
-            try:
-                devices.add(mac, client_id)
-                step(f"factory: {client_id} ({mac}) has its birth certificate, UNALLOCATED")
-            except DeviceConflict:
-                step(f"factory: {client_id} already registered (a second run)")
+            if board.birth_endpoints() not in (None, stack.endpoints):
+                # The broker could not get last run's ports back: the factory starts over.
+                board.factory_reset()
+                step(f"{client_id}: broker endpoints changed, `provision-agent reset` done")
             boards.append(board)
+        step(
+            f"factory: {len(boards)} factory consoles on pty cables; "
+            "provision-station programs them in parallel"
+        )
+        results = program_boards(stack, boards, ProgressPrinter(sys.stderr))
+        click.echo(format_table(results), err=True)
+        failed = [r for r in results if not r.ok]
+        if failed:
+            raise ServerError(f"the station could not program {failed[0].port}: {failed[0].error}")
+        step("factory: every board holds its birth certificate and is registered UNALLOCATED")
         owner = UserRepository(stack.database).add("demo-owner@example.com", "Demo Owner")
         for board in boards:
             board.start_agent()
@@ -123,6 +133,9 @@ def main(workdir: Path, keep_running: bool | None) -> None:
         )
         click.echo(f"  .venv/bin/provision-agent status --config {first.config_path}")
         click.echo(
+            f"  .venv/bin/provision-station --help   (station config: {stack.station_config_path})"
+        )
+        click.echo(
             f"  mosquitto_sub -h 127.0.0.1 -p {stack.layout.operational_port} -V mqttv5 "
             f"--cafile {stack.ca.paths.root_cert} --cert {live}/cert.pem "
             f"--key {live}/key.pem -i {first.client_id}-sub -t 'devices/{first.client_id}/#' -v"
@@ -138,6 +151,9 @@ def main(workdir: Path, keep_running: bool | None) -> None:
     except KeyboardInterrupt:
         click.echo("stopping what the demo started", err=True)
     finally:
+        # A second Ctrl-C must not cut the cleanup short (every wait in it is bounded).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for board in boards:
             board.stop_agent()
         if stack is not None:

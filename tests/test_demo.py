@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -38,3 +41,32 @@ def test_demo_provisions_the_fleet_and_a_second_run_works(tmp_path: Path) -> Non
         assert "mosquitto_sub" in proc.stdout and "device list" in proc.stdout
     # Everything it started (broker, database, server, agents) is gone.
     assert processes_mentioning(str(tmp_path / "demo")) == []
+
+
+@pytest.mark.parametrize("interrupt_at", ["/dev/pts", "press Ctrl-C"])
+def test_ctrl_c_stops_everything_it_started(tmp_path: Path, interrupt_at: str) -> None:
+    """Ctrl-C while the station programs the boards, and once everything runs."""
+    env = {k: v for k, v in os.environ.items() if k != "MONGODB_URI"}
+    workdir = tmp_path / "demo"
+    with subprocess.Popen(
+        [sys.executable, "-m", "server.demo", "--workdir", str(workdir), "--keep-running"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
+    ) as proc:  # fmt: skip
+        try:
+            assert proc.stderr is not None
+            seen = []
+            for line in proc.stderr:
+                seen.append(line)
+                if interrupt_at in line:
+                    break
+            else:
+                raise AssertionError("".join(seen))
+            assert processes_mentioning(str(workdir)) != []
+            proc.send_signal(signal.SIGINT)
+            assert "stopping what the demo started" in proc.stderr.read()
+            assert proc.wait(60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert processes_mentioning(str(workdir)) == []
