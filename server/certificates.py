@@ -74,28 +74,21 @@ class CertificateRecords:
         """Make ``cert`` the device's active certificate; revoke the one it replaces.
 
         ``first_certificate`` (the device document held no certificate before)
-        saves the read of the previous record: there is nothing to revoke.
+        tries a plain insert first: nothing to revoke, and an insert costs the
+        embedded database half of an upsert. Any existing record falls back to
+        the general path.
         """
-        previous = None if first_certificate else self.current(client_id)
+        if first_certificate and self._insert_first(client_id, user_id, cert):
+            self.ensure_default_acl(client_id, user_id)
+            return
+        previous = self.current(client_id)
         if previous is not None and previous.get("fingerprint") == cert.fingerprint:
             return  # already recorded (a retry after a crash)
         if previous is not None and previous.get("serial"):
             self.revoke_serial(
                 client_id, str(previous["serial"]), reason, previous.get("expires_at")
             )
-        now = utcnow()
-        fields: Document = {
-            "device_id": client_id,
-            "user_id": user_id,
-            "fingerprint": cert.fingerprint,
-            "cn": cert.cn,
-            "status": CertificateStatus.ACTIVE.value,
-            "expires_at": cert.expires_at,
-            "created_at": now,
-            "private_key": "",  # the device keeps its key; nothing else ever holds it
-            "certificate": cert.pem,
-            "serial": cert.serial,
-        }
+        fields = self._record_fields(client_id, user_id, cert)
         self.database.call(
             lambda: self.certificates.update_one(
                 {"device_id": client_id},
@@ -105,25 +98,47 @@ class CertificateRecords:
         )
         self.ensure_default_acl(client_id, user_id)
 
+    @staticmethod
+    def _record_fields(
+        client_id: str, user_id: ObjectId | None, cert: IssuedCertificate
+    ) -> Document:
+        return {
+            "device_id": client_id,
+            "user_id": user_id,
+            "fingerprint": cert.fingerprint,
+            "cn": cert.cn,
+            "status": CertificateStatus.ACTIVE.value,
+            "expires_at": cert.expires_at,
+            "created_at": utcnow(),
+            "private_key": "",  # the device keeps its key; nothing else ever holds it
+            "certificate": cert.pem,
+            "serial": cert.serial,
+        }
+
+    def _insert_first(
+        self, client_id: str, user_id: ObjectId | None, cert: IssuedCertificate
+    ) -> bool:
+        doc = {"_id": ObjectId(), **self._record_fields(client_id, user_id, cert)}
+        try:
+            self.database.call(lambda: self.certificates.insert_one(doc))
+        except pymongo.errors.DuplicateKeyError:
+            return False
+        return True
+
     def ensure_default_acl(self, client_id: str, user_id: ObjectId | None) -> None:
         """Insert a tier-1 ACL for the device unless the web app (or we) made one."""
-        # A concurrent upsert may win the unique index race: then it exists, as wanted.
+        doc: Document = {
+            "_id": ObjectId(),
+            "device_id": client_id,
+            "user_id": user_id,
+            "tier": DeviceTier.TIER_1.value,
+            "rules": [],
+            "last_updated": utcnow(),
+        }
+        # The unique index on device_id keeps an existing ACL (the web app's or
+        # ours) untouched; an insert is also the cheapest write on the embedded DB.
         with contextlib.suppress(pymongo.errors.DuplicateKeyError):
-            self.database.call(
-                lambda: self.acls.update_one(
-                    {"device_id": client_id},
-                    {
-                        "$setOnInsert": {
-                            "device_id": client_id,
-                            "user_id": user_id,
-                            "tier": DeviceTier.TIER_1.value,
-                            "rules": [],
-                            "last_updated": utcnow(),
-                        }
-                    },
-                    upsert=True,
-                )
-            )
+            self.database.call(lambda: self.acls.insert_one(doc))
 
     def revoke_serial(
         self, client_id: str, serial: str, reason: str, expires_at: Any = None
