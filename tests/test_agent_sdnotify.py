@@ -58,7 +58,7 @@ def test_agent_notifies_systemd_over_a_real_datagram_socket(
         assert sum(line == "WATCHDOG=1" for line in lines) >= 2
         statuses = [line for line in lines if line.startswith("STATUS=")]
         assert statuses and any("ACTIVE" in s for s in statuses), statuses
-        assert not any("BEGIN" in m or "\"token\"" in m or "sha256:" in m for m in messages)
+        assert not any("BEGIN" in m or '"token"' in m or "sha256:" in m for m in messages)
         assert agent.kill(signal.SIGTERM) == 0
         drain()
         assert any("STOPPING=1" in m for m in messages)
