@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -355,3 +356,188 @@ def test_second_station_on_the_same_port_is_refused(
             first_station.close()
     assert result.result == "failed" and result.error is not None
     assert "another station on this port?" in result.error
+
+
+# --- real station processes: --watch, Ctrl-C, SIGKILL ------------------------------------------
+
+
+def station_process(args: list[str], config_file: Path) -> subprocess.Popen[bytes]:
+    """``provision-station`` as an operator runs it (Ctrl-C works as in a terminal)."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("MONGODB_URI", "PROVISION_STATION_CONFIG")
+    }
+    return subprocess.Popen(
+        [str(Path(sys.executable).with_name("provision-station")), *args,
+         "--config", str(config_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+
+
+def read_stderr_until(
+    process: subprocess.Popen[bytes], done: Callable[[str], bool], timeout: float, seen: bytearray
+) -> str:
+    """Read the process's stderr (into ``seen``) until ``done(text so far)``; fail on timeout."""
+    assert process.stderr is not None
+    fd = process.stderr.fileno()
+    deadline = time.monotonic() + timeout
+    while not done(seen.decode(errors="replace")):
+        left = deadline - time.monotonic()
+        ready, _, _ = select.select([fd], [], [], max(0.0, left))
+        chunk = os.read(fd, 4096) if ready else b""
+        if not chunk:
+            process.kill()
+            raise AssertionError(f"station output so far:\n{seen.decode(errors='replace')}")
+        seen += chunk
+    return seen.decode(errors="replace")
+
+
+def test_batch_watch_programs_boards_as_they_are_plugged(
+    tmp_path: Path, station_config: StationConfig, database: Database
+) -> None:
+    config_file = tmp_path / "station.toml"
+    write_station_config(config_file, station_config)
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    report = tmp_path / "watch.json"
+    boards = [make_board(tmp_path / f"b{i}", mac=f"02:00:00:AA:BB:0{i}") for i in (1, 2)]
+    with (
+        LineProxy() as one,
+        LineProxy() as two,
+        LineProxy() as unwatched,
+        board_thread(boards[0], one.board_path),
+        board_thread(boards[1], two.board_path),
+    ):
+        (dev / "ttyUSB0").symlink_to(one.station_path)
+        (dev / "ttyS0").symlink_to(unwatched.station_path)  # not a USB serial port
+        args = ["batch", "--watch", "--watch-glob", str(dev / "ttyUSB*"),
+                "--watch-glob", str(dev / "ttyACM*"), "--count", "2", "--poll", "0.1",
+                "--report", str(report)]  # fmt: skip
+        with station_process(args, config_file) as station:
+            try:
+                seen = bytearray()
+                read_stderr_until(station, lambda text: "finalize" in text, 20, seen)
+                assert boards[1].console().state() is fc.IdentityState.NONE
+                (dev / "ttyACM0").symlink_to(two.station_path)  # the next board is plugged in
+                out, err = station.communicate(timeout=30)
+            finally:
+                if station.poll() is None:
+                    station.kill()
+    stderr = seen.decode() + err.decode()
+    assert station.returncode == 0, stderr
+    assert f"{dev}/ttyUSB0: new board" in stderr and f"{dev}/ttyACM0: new board" in stderr
+    assert "ttyS0" not in stderr
+    rows = json.loads(report.read_text())
+    assert [(r["port"], r["result"]) for r in rows] == [
+        (str(dev / "ttyUSB0"), "programmed"),
+        (str(dev / "ttyACM0"), "programmed"),
+    ]
+    assert "2 of 2 boards programmed" in out.decode()
+    assert sorted(str(d["clientId"]) for d in devices(database)) == [
+        "acme-020000aabb01",
+        "acme-020000aabb02",
+    ]
+
+
+def test_batch_watch_reprograms_a_replugged_port_and_stops_on_ctrl_c(
+    tmp_path: Path, station_config: StationConfig, database: Database
+) -> None:
+    """The operator swaps boards on one cable, then ends the session with Ctrl-C."""
+    config_file = tmp_path / "station.toml"
+    write_station_config(config_file, station_config)
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    boards = [make_board(tmp_path / f"b{i}", mac=f"02:00:00:AA:BB:0{i}") for i in (1, 2)]
+    port = dev / "ttyUSB3"
+    with (
+        LineProxy() as one,
+        LineProxy() as two,
+        board_thread(boards[0], one.board_path),
+        board_thread(boards[1], two.board_path),
+    ):
+        args = ["batch", "--watch", "--watch-glob", str(dev / "ttyUSB*"), "--poll", "0.1"]
+        with station_process(args, config_file) as station:
+            try:
+                seen = bytearray()
+                read_stderr_until(station, lambda text: "Ctrl-C to stop" in text, 20, seen)
+                port.symlink_to(one.station_path)
+                read_stderr_until(station, lambda text: text.count("finalize") == 1, 20, seen)
+                port.unlink()  # unplugged ...
+                time.sleep(0.5)
+                port.symlink_to(two.station_path)  # ... and the next board on the same port
+                read_stderr_until(station, lambda text: text.count("finalize") == 2, 20, seen)
+                station.send_signal(signal.SIGINT)
+                out, err = station.communicate(timeout=30)
+            finally:
+                if station.poll() is None:
+                    station.kill()
+    assert station.returncode == 0, seen.decode() + err.decode()
+    assert "2 of 2 boards programmed" in out.decode()
+    assert len(devices(database)) == 2
+    for board in boards:
+        assert board.console().state() is fc.IdentityState.FINALIZED
+
+
+def test_wrong_baud_rate_fails_clearly_and_writes_nothing(
+    tmp_path: Path,
+    station_config: StationConfig,
+    factory_ca: CertificateAuthority,
+    database: Database,
+) -> None:
+    board = make_board(tmp_path / "board")
+    # Each side samples the other's bits at the wrong rate: both directions are garbled.
+    with (
+        LineProxy(LineFaults(garble=True), LineFaults(garble=True)) as proxy,
+        board_thread(board, proxy.board_path),
+    ):
+        station = BoardProgrammer(
+            factory_ca,
+            database,
+            client_id_for=station_config.client_id,
+            endpoints_json=fc.encode(station_config.endpoints.to_json()),
+            timeout=station_config.timeout_s,
+            retries=station_config.retries,
+            baud=9600,  # the station's side of the mistake
+        )
+        started = time.monotonic()
+        result = station.program(proxy.station_path)
+        elapsed = time.monotonic() - started
+    assert elapsed < 5
+    assert result.result == "failed" and result.step == Step.OPEN.value, result
+    assert result.error is not None
+    assert "baud rate (expected 115200, the port is at 9600)" in result.error
+    assert devices(database) == []
+    assert board.console().state() is fc.IdentityState.NONE
+    assert not board.state_dir.exists() or list(board.state_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("kill_after", [Step.GEN_KEY, Step.PUT, Step.COMMIT, Step.REGISTER])
+def test_station_process_sigkilled_after_a_step_then_rerun_converges(
+    kill_after: Step,
+    tmp_path: Path,
+    station_config: StationConfig,
+    factory_ca: CertificateAuthority,
+    database: Database,
+) -> None:
+    """SIGKILL the real `provision-station program` once its progress shows ``kill_after``."""
+    config_file = tmp_path / "station.toml"
+    write_station_config(config_file, station_config)
+    board = make_board(tmp_path / "board")
+    # Line latency: the station cannot finish the next serial exchange before the kill lands.
+    slow = LineFaults(latency=0.05)
+    with LineProxy(slow, LineFaults(latency=0.05)) as proxy, board_thread(board, proxy.board_path):
+        args = ["program", "--port", proxy.station_path]
+        with station_process(args, config_file) as station:
+            seen = bytearray()
+            marker = f"]  {kill_after.value}\n"
+            read_stderr_until(station, lambda text: marker in text, 30, seen)
+            station.send_signal(signal.SIGKILL)
+            _, err = station.communicate(timeout=10)
+        assert station.returncode == -signal.SIGKILL
+        assert "finalize" not in seen.decode() + err.decode()
+        assert board.console().state() is not fc.IdentityState.FINALIZED
+        BirthIdentity.load(board.state_dir)  # all or nothing (raises on half an identity)
+        assert len(devices(database)) <= 1
+        slow.latency = 0.0
+        result = programmer(station_config, factory_ca, database).program(proxy.station_path)
+    assert_converged(result, board, database)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import IO, Final
 
@@ -25,6 +27,8 @@ REPORT_COLUMNS: Final = (
 )
 _STEPS: Final = list(Step)
 _BAR: Final = 20
+DEFAULT_WATCH_GLOBS: Final = ("/dev/ttyUSB*", "/dev/ttyACM*")
+MAX_PARALLEL_BOARDS: Final = 64  # threads; more plugged boards wait for a free one
 
 
 def program_many(
@@ -39,6 +43,69 @@ def program_many(
         return []
     with ThreadPoolExecutor(max_workers=len(ports), thread_name_prefix="station") as pool:
         return list(pool.map(lambda port: make_programmer(on_step).program(port), ports))
+
+
+class PortWatcher:
+    """Serial ports that appeared since the last poll, for a station watching its USB hub.
+
+    A port is ready once two polls in a row have seen it (udev needs a moment to
+    set its permissions); it is handed out once, and again only after it has
+    disappeared (the board was unplugged and the next one plugged in).
+    """
+
+    def __init__(self, patterns: Iterable[str] = DEFAULT_WATCH_GLOBS) -> None:
+        self.patterns = tuple(patterns)
+        self._seen: set[str] = set()
+        self._handed_out: set[str] = set()
+
+    def present(self) -> set[str]:
+        return {path for pattern in self.patterns for path in glob.glob(pattern)}
+
+    def poll(self) -> list[str]:
+        present = self.present()
+        ready = sorted((present & self._seen) - self._handed_out)
+        self._handed_out = (self._handed_out & present) | set(ready)
+        self._seen = present
+        return ready
+
+
+def watch_ports(
+    watcher: PortWatcher,
+    make_programmer: Callable[[StepHook | None], BoardProgrammer],
+    on_step: StepHook | None = None,
+    *,
+    count: int | None = None,
+    poll_interval: float = 0.5,
+    on_found: Callable[[str], None] | None = None,
+) -> list[BoardResult]:
+    """Program every board that gets plugged in until ``count`` boards or Ctrl-C.
+
+    Ctrl-C stops the watching; boards already being programmed finish (each is
+    bounded by the link's timeouts). Results come in the order boards finished.
+    """
+    results: list[BoardResult] = []
+    running: set[Future[BoardResult]] = set()
+    started = 0
+
+    def collect(done: Iterable[Future[BoardResult]]) -> None:
+        for future in done:
+            running.discard(future)
+            results.append(future.result())
+
+    with ThreadPoolExecutor(MAX_PARALLEL_BOARDS, thread_name_prefix="station") as pool:
+        try:
+            while count is None or started < count:
+                for port in watcher.poll()[: None if count is None else count - started]:
+                    if on_found is not None:
+                        on_found(port)
+                    running.add(pool.submit(lambda p: make_programmer(on_step).program(p), port))
+                    started += 1
+                collect([f for f in running if f.done()])
+                time.sleep(poll_interval)
+        except KeyboardInterrupt:
+            pass  # the operator ends the session: finish the boards on the bench
+        collect(wait(running).done)
+    return results
 
 
 class ProgressPrinter:
@@ -72,7 +139,7 @@ def format_table(results: Sequence[BoardResult]) -> str:
         )
         for r in results
     ]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
     lines = [
         "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
         for line in (headers, *rows)

@@ -2,7 +2,8 @@
 
 Exit codes: 0 every board programmed (or already programmed), 1 at least one
 board failed (see the table and the report), 2 the station itself cannot run
-(config, CA, database, report path).
+(config, CA, database, report path). Ctrl-C ends a ``batch --watch`` session
+normally (table, report, the exit code of its boards).
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ from agent import factory_commands as fc
 from server.ca import CertificateAuthority
 from server.db import Database
 from server.errors import ServerError
-from server.station.batch import ProgressPrinter, format_table, program_many, write_report
+from server.station.batch import (
+    DEFAULT_WATCH_GLOBS,
+    PortWatcher,
+    ProgressPrinter,
+    format_table,
+    program_many,
+    watch_ports,
+    write_report,
+)
 from server.station.config import StationConfig, load_station_config
 from server.station.programmer import BoardProgrammer, BoardResult, StepHook
 
@@ -110,24 +119,73 @@ def program(port: str, config_path: Path | None, report: Path | None, as_json: b
 @main.command()
 @click.option("--ports", "ports", multiple=True, help="Serial devices (also as arguments).")
 @click.argument("more_ports", nargs=-1)
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Program each board as it is plugged in (new USB serial ports) until Ctrl-C.",
+)
+@click.option(
+    "--watch-glob",
+    "watch_globs",
+    multiple=True,
+    help=f"With --watch: device paths to watch (default {' '.join(DEFAULT_WATCH_GLOBS)}).",
+)
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --watch: stop after this many boards.",
+)
+@click.option(
+    "--poll",
+    "poll_s",
+    type=click.FloatRange(min=0.05),
+    default=0.5,
+    show_default=True,
+    help="With --watch: seconds between looks for new ports.",
+)
 @_config_option
 @_report_option
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def batch(
     ports: tuple[str, ...],
     more_ports: tuple[str, ...],
+    watch: bool,
+    watch_globs: tuple[str, ...],
+    count: int | None,
+    poll_s: float,
     config_path: Path | None,
     report: Path | None,
     as_json: bool,
 ) -> None:
-    """Program many boards in parallel: `--ports /dev/ttyUSB0 /dev/ttyUSB1 ...`."""
+    """Program many boards in parallel: `--ports /dev/ttyUSB0 /dev/ttyUSB1 ...` or `--watch`."""
     every = [*ports, *more_ports]
-    if not every:
-        raise click.UsageError("name at least one port with --ports")
+    if watch and every:
+        raise click.UsageError("--watch finds the ports itself; do not name ports with it")
+    if not watch and (watch_globs or count is not None):
+        raise click.UsageError("--watch-glob and --count go with --watch")
+    if not watch and not every:
+        raise click.UsageError("name at least one port with --ports, or use --watch")
     with open_station(config_path) as station:
         progress = None if as_json else ProgressPrinter(sys.stderr)
         try:
-            results = program_many(every, station.programmer, progress)
+            if watch:
+                watcher = PortWatcher(watch_globs or DEFAULT_WATCH_GLOBS)
+                limit = "" if count is None else f"; stopping after {count} boards"
+                click.echo(
+                    f"watching {' '.join(watcher.patterns)} for boards{limit}; Ctrl-C to stop",
+                    err=True,
+                )
+                results = watch_ports(
+                    watcher,
+                    station.programmer,
+                    progress,
+                    count=count,
+                    poll_interval=poll_s,
+                    on_found=lambda port: click.echo(f"{port}: new board", err=True),
+                )
+            else:
+                results = program_many(every, station.programmer, progress)
         except ServerError as exc:
             click.echo(f"provision-station: {exc.message}", err=True)
             sys.exit(EXIT_STATION)
