@@ -13,10 +13,12 @@ status in the database must be ACTIVE if it is connected and OFFLINE if not.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import random
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -46,6 +48,7 @@ class ChurnDevice:
     cert: Path
     key: Path
     session: Session | None = None
+    touched: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -117,7 +120,7 @@ class ChurnOutcome:
     actions: Counter[str] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
     connected_at_end: int = 0
-    mismatched: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    mismatched: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
     converge_seconds: float = 0.0
     seconds: float = 0.0
 
@@ -129,10 +132,8 @@ class ChurnOutcome:
         return problems
 
 
-def _connect(device: ChurnDevice, layout: BrokerLayout, root: Path) -> None:
-    session = Session(
-        device.client_id, layout.operational_port, root, device.cert, device.key, will=True
-    )
+def _connect(device: ChurnDevice, port: int, root: Path) -> None:
+    session = Session(device.client_id, port, root, device.cert, device.key, will=True)
     mid = session.publish(
         protocol.status_topic(device.client_id), protocol.encode({"status": "online"}), retain=True
     )
@@ -164,34 +165,51 @@ def _leave(device: ChurnDevice, how: str) -> None:
     device.session = None
 
 
-def run_churn(
-    database: Database,
-    ca: CertificateAuthority,
-    layout: BrokerLayout,
-    devices: list[ChurnDevice],
-    seconds: float,
-    *,
-    seed: int,
-    workers: int = 8,
-) -> ChurnOutcome:
+def _statuses(database: Database, client_ids: list[str]) -> dict[str, str | None]:
+    docs = database.collection(DEVICES).find(
+        {"clientId": {"$in": client_ids}}, {"clientId": 1, "status": 1}
+    )
+    return {doc["clientId"]: doc.get("status") for doc in docs}
+
+
+PER_PROCESS: Final = 200
+"""Devices per process: paho's loop uses select(), which takes no descriptor >= 1024."""
+
+
+@dataclass(frozen=True)
+class SliceJob:
+    """One process's share of the churn; plain values, so it crosses a process boundary."""
+
+    mongodb_uri: str
+    port: int
+    root: Path
+    devices: tuple[tuple[str, Path, Path], ...]
+    seconds: float
+    seed: int
+    workers: int
+
+
+def churn_slice(job: SliceJob) -> ChurnOutcome:
+    """Churn ``job.devices``, then compare the database while the survivors stay connected."""
+    devices = [ChurnDevice(cid, cert, key) for cid, cert, key in job.devices]
     out = ChurnOutcome(devices=len(devices))
-    root = ca.paths.root_cert
-    deadline = time.monotonic() + seconds
+    deadline = time.monotonic() + job.seconds
     lock = threading.Lock()
 
     def work(worker: int) -> None:
-        rng = random.Random(seed * 1000 + worker)
+        rng = random.Random(job.seed * 1000 + worker)
         while time.monotonic() < deadline:
             device = rng.choice(devices)
             if not device.lock.acquire(blocking=False):
                 continue
+            device.touched = True
             try:
                 if device.connected:
                     how = rng.choice(["clean", "will", "drop"])
                     _leave(device, how)
                 else:
                     how = "connect"
-                    _connect(device, layout, root)
+                    _connect(device, job.port, job.root)
                 with lock:
                     out.actions[how] += 1
             except Exception as exc:  # counted; the device's state is whatever it is now
@@ -200,35 +218,81 @@ def run_churn(
             finally:
                 device.lock.release()
 
-    started = time.monotonic()
-    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(workers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    out.seconds = time.monotonic() - started
-    expected = {d.client_id: "ACTIVE" if d.connected else "OFFLINE" for d in devices}
-    out.connected_at_end = sum(d.connected for d in devices)
-    converge = time.monotonic()
-    while True:
-        docs = database.collection(DEVICES).find(
-            {"clientId": {"$in": list(expected)}}, {"clientId": 1, "status": 1}
-        )
-        actual = {doc["clientId"]: doc.get("status") for doc in docs}
-        out.mismatched = {
-            cid: (want, actual.get(cid))
-            for cid, want in expected.items()
-            if actual.get(cid) != want
+    database = Database(job.mongodb_uri)
+    try:
+        initial = _statuses(database, [d.client_id for d in devices])
+        started = time.monotonic()
+        threads = [
+            threading.Thread(target=work, args=(i,), daemon=True) for i in range(job.workers)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        out.seconds = time.monotonic() - started
+        # A device the workers never picked keeps the status it had before the churn.
+        expected = {
+            d.client_id: "ACTIVE"
+            if d.connected
+            else "OFFLINE"
+            if d.touched
+            else initial[d.client_id]
+            for d in devices
         }
-        if not out.mismatched or time.monotonic() - converge > CONVERGE_TIMEOUT_S:
-            break
-        time.sleep(0.5)
-    out.converge_seconds = time.monotonic() - converge
-    for device in devices:
-        if device.session is not None:
-            device.session.close()
-            device.session = None
+        out.connected_at_end = sum(d.connected for d in devices)
+        converge = time.monotonic()
+        while True:
+            actual = _statuses(database, list(expected))
+            out.mismatched = {
+                cid: (want, actual.get(cid))
+                for cid, want in expected.items()
+                if actual.get(cid) != want
+            }
+            if not out.mismatched or time.monotonic() - converge > CONVERGE_TIMEOUT_S:
+                break
+            time.sleep(0.5)
+        out.converge_seconds = time.monotonic() - converge
+    finally:
+        database.close()
+        for device in devices:
+            if device.session is not None:
+                device.session.close()  # a clean DISCONNECT: no will, the status stays
+                device.session = None
     return out
+
+
+def run_churn(
+    mongodb_uri: str,
+    ca: CertificateAuthority,
+    layout: BrokerLayout,
+    devices: list[ChurnDevice],
+    seconds: float,
+    *,
+    seed: int,
+    workers: int = 8,
+) -> ChurnOutcome:
+    """Churn in one process, or in one process per PER_PROCESS devices."""
+    plain = tuple((d.client_id, d.cert, d.key) for d in devices)
+    slices = [plain[i : i + PER_PROCESS] for i in range(0, len(plain), PER_PROCESS)]
+    jobs = [
+        SliceJob(mongodb_uri, layout.operational_port, ca.paths.root_cert, part, seconds,
+                 seed + index, workers if len(slices) == 1 else max(2, workers // 2))
+        for index, part in enumerate(slices)
+    ]  # fmt: skip
+    if len(jobs) == 1:
+        return churn_slice(jobs[0])
+    context = multiprocessing.get_context("spawn")  # no forked copies of pymongo's threads
+    with ProcessPoolExecutor(max_workers=len(jobs), mp_context=context) as pool:
+        parts = list(pool.map(churn_slice, jobs))
+    total = ChurnOutcome(devices=len(devices))
+    for part in parts:
+        total.actions.update(part.actions)
+        total.errors.extend(part.errors)
+        total.connected_at_end += part.connected_at_end
+        total.mismatched.update(part.mismatched)
+        total.converge_seconds = max(total.converge_seconds, part.converge_seconds)
+        total.seconds = max(total.seconds, part.seconds)
+    return total
 
 
 def churn(
@@ -250,7 +314,7 @@ def churn(
     )
     try:
         fleet = make_devices(database, ca, layout, workdir, devices)
-        outcome = run_churn(database, ca, layout, fleet, seconds, seed=seed)
+        outcome = run_churn(mongodb_uri, ca, layout, fleet, seconds, seed=seed)
         if not server.alive:
             outcome.errors.append("the server process died")
         return outcome
