@@ -14,6 +14,7 @@ import ssl
 import subprocess
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -142,7 +143,21 @@ class ConnectRefused(Exception):
 class MqttClient:
     """A connected MQTT v5 client over mTLS with blocking publish/subscribe helpers."""
 
-    def __init__(self, files: ClientFiles, port: int, root_ca: Path, client_id: str) -> None:
+    def __init__(
+        self,
+        files: ClientFiles,
+        port: int,
+        root_ca: Path,
+        client_id: str,
+        *,
+        will: tuple[str, bytes] | None = None,
+        on_message: Callable[[mqtt.MQTTMessage], None] | None = None,
+        timeout: float = TIMEOUT,
+    ) -> None:
+        """Connects before returning; ``will`` is a retained QoS 1 (topic, payload).
+
+        ``on_message`` replaces the default of queueing every message on ``messages``.
+        """
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(root_ca))
         context.load_cert_chain(str(files.cert), str(files.key))
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
@@ -159,11 +174,14 @@ class MqttClient:
             reconnect_on_failure=False,
         )
         client.tls_set_context(context)
+        if will is not None:
+            client.will_set(will[0], will[1], qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
-        client.on_message = lambda _c, _u, message: self.messages.put(message)
+        deliver = on_message or self.messages.put
+        client.on_message = lambda _c, _u, message: deliver(message)
         self.paho = client
         try:
             client.connect("127.0.0.1", port, keepalive=30)
@@ -173,7 +191,7 @@ class MqttClient:
         # TLS 1.3 reports a refused client certificate only after the handshake: wait for
         # CONNACK or for the connection to drop (no reconnect: reconnect_on_failure=False).
         client.loop_start()
-        self._settled.wait(TIMEOUT)
+        self._settled.wait(timeout)
         if not self.connected:
             self.close()
             self._close_socket()
@@ -199,10 +217,10 @@ class MqttClient:
         box.append(value)
         event.set()
 
-    def _wait_ack(self, mid: int) -> Any:
+    def _wait_ack(self, mid: int, timeout: float = TIMEOUT) -> Any:
         with self._lock:
             event, box = self._acks.setdefault(mid, (threading.Event(), []))
-        if not event.wait(TIMEOUT):
+        if not event.wait(timeout):
             raise TimeoutError(f"no acknowledgement for message id {mid}")
         return box[0]
 
@@ -222,11 +240,23 @@ class MqttClient:
         self, topic: str, payload: bytes | str = b"x", properties: Properties | None = None
     ) -> int:
         """QoS 1 publish; returns the PUBACK reason code (0 = accepted, 135 = not authorized)."""
-        info = self.paho.publish(topic, payload, qos=1, properties=properties)
-        rc: ReasonCode = self._wait_ack(info.mid)
-        return int(rc.value)
+        return int(self.publish_reason(topic, payload, properties).value)
 
-    def subscribe(self, topic_filter: str) -> int:
+    def publish_reason(
+        self,
+        topic: str,
+        payload: bytes | str,
+        properties: Properties | None = None,
+        *,
+        retain: bool = False,
+        timeout: float = TIMEOUT,
+    ) -> ReasonCode:
+        """QoS 1 publish; returns paho's PUBACK ``ReasonCode``."""
+        info = self.paho.publish(topic, payload, qos=1, retain=retain, properties=properties)
+        rc: ReasonCode = self._wait_ack(info.mid, timeout)
+        return rc
+
+    def subscribe(self, topic_filter: str, timeout: float = TIMEOUT) -> int:
         """Returns the SUBACK reason code (0/1/2 = granted QoS, 135 = not authorized).
 
         Mosquitto's acl_file does not check subscriptions (2.0.11 grants them all); the
@@ -234,7 +264,7 @@ class MqttClient:
         """
         result, mid = self.paho.subscribe(topic_filter, qos=1)
         assert result == mqtt.MQTT_ERR_SUCCESS and mid is not None
-        codes: list[ReasonCode] = self._wait_ack(mid)
+        codes: list[ReasonCode] = self._wait_ack(mid, timeout)
         return int(codes[0].value)
 
     def next_message(self, timeout: float = TIMEOUT) -> mqtt.MQTTMessage:
@@ -244,6 +274,9 @@ class MqttClient:
         with contextlib.suppress(Exception):
             self.paho.disconnect()
         self.paho.loop_stop()
+        # paho leaves its wake-up socket pair to __del__, which a reference
+        # cycle may run after the sockets' own finalizers (a ResourceWarning).
+        self.paho._reset_sockets()
 
     def __enter__(self) -> MqttClient:
         return self
