@@ -103,6 +103,8 @@ def decode(payload: bytes, what: str) -> dict[str, Any]:
         obj = json.loads(payload.decode("utf-8")) if payload else {}
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FactoryCommandError(f"{what}: payload is not UTF-8 JSON ({exc})") from None
+    except RecursionError:
+        raise FactoryCommandError(f"{what}: payload is nested too deeply") from None
     if not isinstance(obj, dict):
         raise FactoryCommandError(f"{what}: payload must be a JSON object")
     return obj

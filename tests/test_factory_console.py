@@ -218,3 +218,12 @@ def test_reset_unlocks_a_finalized_board_with_a_new_key(
     identity = BirthIdentity.load(board.state_dir)
     assert identity is not None and identity.client_id == "dev-b" and not identity.finalized
     assert (board.state_dir / "keys" / "birth.key").read_bytes() != old_key
+
+
+def test_deeply_nested_payload_is_a_bad_request_not_an_internal_error(tmp_path: Path) -> None:
+    console = make_board(tmp_path).console()
+    nested = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(fc.FactoryCommandError, match="nested too deeply") as info:
+        console.handle(Command.GEN_KEY, nested)
+    assert info.value.code.value == "BAD_REQUEST"
+    assert call(console, Command.INFO, {})["state"] == "none"  # nothing was written
