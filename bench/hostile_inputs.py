@@ -61,6 +61,20 @@ class Material:
     unallocated_birth_pem: str
 
 
+def _same_signed_content(candidate: str, original: str, label: str) -> bool:
+    """True if ``candidate`` parses to the same signed bytes and signature as ``original``."""
+    try:
+        if label == "CERTIFICATE":
+            a = x509.load_pem_x509_certificate(candidate.encode())
+            b = x509.load_pem_x509_certificate(original.encode())
+            return a.tbs_certificate_bytes == b.tbs_certificate_bytes and a.signature == b.signature
+        c = x509.load_pem_x509_csr(candidate.encode())
+        d = x509.load_pem_x509_csr(original.encode())
+        return c.tbs_certrequest_bytes == d.tbs_certrequest_bytes and c.signature == d.signature
+    except Exception:  # anything unparsable is a real mutation
+        return False
+
+
 def _pem_der(pem: str) -> bytes:
     lines = [line for line in pem.strip().splitlines() if not line.startswith("-----")]
     return base64.b64decode("".join(lines))
@@ -293,6 +307,19 @@ class MessageFactory:
         return self._out("bad-encoding", self._channel(), payload)
 
     def _mutated_pem(self, pem: str, label: str) -> str:
+        """A mutation that really changes what is signed or breaks the encoding.
+
+        Some bit flips land where a DER parser is lenient (e.g. the BIT STRING's
+        unused-bits byte) and leave the signed content and signature intact: that
+        certificate is still the genuine one, so it is drawn again.
+        """
+        for _ in range(20):
+            mutated = self._mutate_once(pem, label)
+            if not _same_signed_content(mutated, pem, label):
+                return mutated
+        return "-----BEGIN " + label + "-----\n!!!!\n-----END " + label + "-----\n"
+
+    def _mutate_once(self, pem: str, label: str) -> str:
         r = self.rng
         der = bytearray(_pem_der(pem))
         how = r.randrange(4)
