@@ -158,23 +158,10 @@ class ProvisioningService:
         return doc
 
     def issue_token(self, client_id: str, request: TokenRequest) -> dict[str, Any]:
-        device = self._device(client_id)
         now = utcnow()
         check_birth_certificate(
             request.cert, self.ca.factory_ca, client_id=client_id, mac=request.mac, now=now
         )
-        if request.mac != device.get("macID"):
-            raise MacMismatch("the MAC in the request is not the device's registered MAC")
-        status = device.get("status")
-        if status == DeviceStatus.UNALLOCATED.value:
-            raise NotAllocated(
-                "device is not allocated to a user yet; keep waiting",
-                retry_after=self.policy.not_allocated_retry_after,
-            )
-        try:
-            current = DeviceStatus(status)
-        except ValueError:
-            raise WrongState(f"device has unknown status {status!r}") from None
         wait = self.token_limiter.wait_time(client_id)
         if wait > 0:
             raise RateLimited(
@@ -182,22 +169,39 @@ class ProvisioningService:
                 retry_after=round(wait, 3),
             )
         issued = self.tokens.issue(now)
-        # Guarding on the status read above makes a concurrent change (an
-        # allocation, another token) fail this update instead of being lost.
-        self.devices.transition(
-            client_id,
-            expected={current},
-            new=DeviceStatus.PROVISIONING,
-            set_fields={
+        # One guarded write, no read first: the filter holds the registered MAC
+        # and every status a token may be issued from; only a refusal is
+        # explained by reading the device.
+        guard = {
+            "clientId": client_id,
+            "macID": request.mac,
+            "status": {"$in": [status.value for status in TOKEN_FROM]},
+        }
+        update = {
+            "$set": {
+                "status": DeviceStatus.PROVISIONING.value,
                 "provisioningToken": issued.hashed,
                 "tokenExpiresAt": issued.expires_at,
                 "tokenUsed": False,
             },
-            unset_fields=("errorMessage",),
-            extra_filter={"macID": request.mac},
-        )
+            "$unset": {"errorMessage": ""},
+        }
+        result = self.database.call(lambda: self.devices.collection.update_one(guard, update))
+        if result.matched_count == 0:
+            raise self._token_refusal(client_id, request.mac)
         self.token_limiter.issued(client_id)
         return {"token": issued.token, "expiresAt": issued.expires_at.isoformat()}
+
+    def _token_refusal(self, client_id: str, mac: str) -> ServerError:
+        device = self._device(client_id)
+        if device.get("macID") != mac:
+            return MacMismatch("the MAC in the request is not the device's registered MAC")
+        if device.get("status") == DeviceStatus.UNALLOCATED.value:
+            return NotAllocated(
+                "device is not allocated to a user yet; keep waiting",
+                retry_after=self.policy.not_allocated_retry_after,
+            )
+        return WrongState(f"device has status {device.get('status')!r}; no token from it")
 
     def sign_csr(self, client_id: str, request: CsrRequest) -> dict[str, Any]:
         device = self._device(client_id)

@@ -233,7 +233,14 @@ BAD_INPUT: dict[str, tuple[Case, str]] = {
         lambda k, o, t, ot: (k.client_id, b'{"v":1,"op":"token","mac":5,"cert":"x"}'),
         "BAD_REQUEST",
     ),
-    "unknown device": (lambda k, o, t, ot: ("ghost-1", k.token_request()), "UNKNOWN_DEVICE"),
+    "unknown device": (
+        lambda k, o, t, ot: (
+            "ghost-1",
+            DeviceKit("ghost-1", "02:00:00:00:00:55", k.ca).token_request(),
+        ),
+        "UNKNOWN_DEVICE",
+    ),
+    "birth cert of another cn": (lambda k, o, t, ot: ("ghost-1", k.token_request()), "BAD_REQUEST"),
     "unallocated": (
         lambda k, o, t, ot: (
             "board-u",
