@@ -393,7 +393,7 @@ def test_batched_status_writes_apply_latest_per_device_and_respect_the_state_gua
 ) -> None:
     from server.status_writer import StatusBatcher
 
-    writer = StatusBatcher(database)
+    writer = StatusBatcher(database, max_batch=7)  # 21 changes: three bulk writes
     batched = ProvisioningService(
         database,
         service_ca,
@@ -418,4 +418,5 @@ def test_batched_status_writes_apply_latest_per_device_and_respect_the_state_gua
     }
     assert statuses.pop("batch-unprovisioned") == "UNALLOCATED"  # guard held
     assert set(statuses.values()) == {"ACTIVE"}
+    assert writer.written == 21
     assert writer.flush() == 0
