@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Final
 
 from cryptography import x509
@@ -31,8 +28,7 @@ from cryptography.hazmat.primitives import serialization
 
 from agent import protocol
 from agent.backoff import Backoff
-from agent.birth import BirthIdentity, Endpoints
-from agent.config import TimingConfig
+from agent.context import DeviceContext
 from agent.errors import AgentError, ProvisioningRejected, StorageError
 from agent.keystore import FileKeyStore
 from agent.mqtt_link import LinkError, MqttLink, TlsIdentity
@@ -41,7 +37,6 @@ from agent.state import (
     REJECTED_RETRY_FACTOR,
     AgentState,
     StateRecord,
-    StateStore,
     format_fields,
 )
 from agent.storage import CertificateStore
@@ -54,8 +49,6 @@ _BACK_TO_TOKEN: Final = frozenset(
 )
 # A rejected CSR is never sent again: the next attempt uses a fresh key.
 _DROP_KEY: Final = frozenset({ErrorCode.CSR_INVALID})
-
-Sleep = Callable[[float], bool]  # sleeps up to n seconds; True when the agent must stop
 
 
 @dataclass(frozen=True)
@@ -124,22 +117,15 @@ def store_certificate(
 class ProvisioningClient:
     """One connection to the provisioning listener; use as a context manager."""
 
-    def __init__(
-        self,
-        identity: BirthIdentity,
-        endpoints: Endpoints,
-        keystore: FileKeyStore,
-        ca_file: Path,
-        timing: TimingConfig,
-    ) -> None:
-        self.identity = identity
-        self.timing = timing
+    def __init__(self, context: DeviceContext, keystore: FileKeyStore) -> None:
+        identity = self.identity = context.identity
+        self.timing = context.timing
         self._link = MqttLink(
             identity.client_id,
-            endpoints.provisioning_host,
-            endpoints.provisioning_port,
-            TlsIdentity(identity.cert_path, keystore.key_file(identity.key_slot), ca_file),
-            keepalive=timing.keepalive_s,
+            context.endpoints.provisioning_host,
+            context.endpoints.provisioning_port,
+            TlsIdentity(identity.cert_path, keystore.key_file(identity.key_slot), context.ca_file),
+            keepalive=context.timing.keepalive_s,
         )
 
     def __enter__(self) -> ProvisioningClient:
@@ -195,33 +181,15 @@ class ProvisioningClient:
 class Provisioner:
     """Drives the provisioning states until CERT_STORED, REJECTED or stop."""
 
-    def __init__(
-        self,
-        identity: BirthIdentity,
-        endpoints: Endpoints,
-        ca_file: Path,
-        timing: TimingConfig,
-        states: StateStore,
-        keystore: FileKeyStore,
-        certs: CertificateStore,
-        sleep: Sleep,
-        stop: threading.Event,
-    ) -> None:
-        self.identity = identity
-        self.endpoints = endpoints
-        self.ca_file = ca_file
-        self.timing = timing
-        self.states = states
-        self.keystore = keystore
-        self.certs = certs
-        self.sleep = sleep
-        self.stop = stop
-        self.backoff = Backoff(timing.backoff_initial_s, timing.backoff_max_s)
+    def __init__(self, context: DeviceContext) -> None:
+        self.context = context
+        self.keystore = FileKeyStore(context.key_dir)
+        self.backoff = Backoff(context.timing.backoff_initial_s, context.timing.backoff_max_s)
 
     def run(self, record: StateRecord) -> StateRecord:
         client: ProvisioningClient | None = None
         try:
-            while not self.stop.is_set() and record.state in (
+            while not self.context.stop.is_set() and record.state in (
                 AgentState.NEED_TOKEN,
                 AgentState.HAVE_TOKEN,
                 AgentState.CSR_SENT,
@@ -235,9 +203,7 @@ class Provisioner:
                         if client is not None:
                             client.__exit__(None, None, None)
                             client = None
-                        client = ProvisioningClient(
-                            self.identity, self.endpoints, self.keystore, self.ca_file, self.timing
-                        ).__enter__()
+                        client = ProvisioningClient(self.context, self.keystore).__enter__()
                     if record.state == AgentState.NEED_TOKEN:
                         record = self._get_token(client, record)
                     else:
@@ -259,7 +225,7 @@ class Provisioner:
                     if client is not None:
                         client.__exit__(None, None, None)
                         client = None
-                if delay > 0 and self.sleep(delay):
+                if delay > 0 and self.context.sleep(delay):
                     break
         finally:
             if client is not None:
@@ -268,7 +234,7 @@ class Provisioner:
 
     def _get_token(self, client: ProvisioningClient, record: StateRecord) -> StateRecord:
         token, expires_at = client.request_token()
-        return self.states.transition(
+        return self.context.states.transition(
             record,
             AgentState.HAVE_TOKEN,
             "token issued",
@@ -280,33 +246,38 @@ class Provisioner:
 
     def _prepare_csr(self, record: StateRecord) -> StateRecord:
         if record.token_expires_at is not None and time.time() >= record.token_expires_at:
-            return self.states.transition(
+            return self.context.states.transition(
                 record, AgentState.NEED_TOKEN, "token expired before use", token=None
             )
         if record.key_slot is not None and record.csr is not None:
             # The key was already put into a CSR: keep both, so the server sees the same key.
-            return self.states.transition(record, AgentState.CSR_SENT, "reusing key and CSR")
+            return self.context.states.transition(
+                record, AgentState.CSR_SENT, "reusing key and CSR"
+            )
         if record.key_slot is None:
             # Persist the slot name before the key exists: a crash cannot orphan a key.
-            record, new_slot = self.states.next_slot(record)
-            record = self.states.update(record, key_slot=new_slot)
+            record, new_slot = self.context.states.next_slot(record)
+            record = self.context.states.update(record, key_slot=new_slot)
         slot = record.key_slot
         assert slot is not None
         if not self.keystore.exists(slot):  # never sent anywhere, so a resume may reuse it
             self.keystore.generate(slot)
-        csr = self.keystore.build_csr(slot, self.identity.client_id, self.identity.mac).decode()
-        return self.states.transition(record, AgentState.CSR_SENT, "csr built", csr=csr)
+        identity = self.context.identity
+        csr = self.keystore.build_csr(slot, identity.client_id, identity.mac).decode()
+        return self.context.states.transition(record, AgentState.CSR_SENT, "csr built", csr=csr)
 
     def _send_csr(self, client: ProvisioningClient, record: StateRecord) -> StateRecord:
         if record.token is None or record.csr is None or record.key_slot is None:
-            return self.states.transition(record, AgentState.NEED_TOKEN, "incomplete CSR state")
+            return self.context.states.transition(
+                record, AgentState.NEED_TOKEN, "incomplete CSR state"
+            )
         issued = client.request_certificate(record.token, record.csr)
         slot = record.key_slot
         version = store_certificate(
-            self.certs, self.keystore, slot, self.identity.client_id, issued
+            self.context.certs, self.keystore, slot, self.context.identity.client_id, issued
         )
-        self.certs.activate(version)
-        record = self.states.transition(
+        self.context.certs.activate(version)
+        record = self.context.states.transition(
             record,
             AgentState.CERT_STORED,
             "certificate issued",
@@ -338,7 +309,7 @@ class Provisioner:
             return record, delay
         if code in _BACK_TO_TOKEN:
             delay = self.backoff.next_delay(error.retry_after)
-            record = self.states.transition(
+            record = self.context.states.transition(
                 record, AgentState.NEED_TOKEN, f"{code.value}: {error.message}", token=None
             )
             return record, delay
@@ -346,8 +317,8 @@ class Provisioner:
         if code in _DROP_KEY and record.key_slot is not None:
             self.keystore.delete(record.key_slot)  # refused, so no certificate will ever use it
             changes = {"key_slot": None, "csr": None}
-        retry_at = time.time() + REJECTED_RETRY_FACTOR * self.timing.backoff_max_s
-        record = self.states.transition(
+        retry_at = time.time() + REJECTED_RETRY_FACTOR * self.context.timing.backoff_max_s
+        record = self.context.states.transition(
             record,
             AgentState.REJECTED,
             f"{code.value}: {error.message}",

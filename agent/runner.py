@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Final, NoReturn
 
 from agent.birth import BirthIdentity, keys_dir
 from agent.config import AgentConfig, load_config
+from agent.context import DeviceContext
 from agent.errors import AgentError
 from agent.identity import read_mac
 from agent.protocol import ErrorCode
@@ -245,27 +246,27 @@ class AgentRunner:
 
         return FileKeyStore(keys_dir(self.state_dir))
 
-    def _certs(self, record: StateRecord) -> CertificateStore:
+    def _context(self, identity: BirthIdentity, record: StateRecord) -> DeviceContext:
+        """What provisioning and the session need; removes orphan keys on the way."""
         ensure_private_dir(self.state_dir)
         _remove_orphan_keys(self.state_dir, record.key_slot)
-        return CertificateStore(certs_dir(self.state_dir))
+        return DeviceContext(
+            identity=identity,
+            endpoints=identity.effective_endpoints(self.config.broker),
+            ca_file=ca_file_for(self.config, identity),
+            timing=self.config.timing,
+            states=self.states,
+            key_dir=keys_dir(self.state_dir),
+            certs=CertificateStore(certs_dir(self.state_dir)),
+            sleep=self.sleep,
+            stop=self._stop,
+            tick=self.tick,
+        )
 
     def _provision(self, identity: BirthIdentity, record: StateRecord) -> StateRecord:
         from agent.provisioning import Provisioner
 
-        certs = self._certs(record)
-        provisioner = Provisioner(
-            identity,
-            identity.effective_endpoints(self.config.broker),
-            ca_file_for(self.config, identity),
-            self.config.timing,
-            self.states,
-            self._keystore(),
-            certs,
-            self.sleep,
-            self._stop,
-        )
-        return provisioner.run(record)
+        return Provisioner(self._context(identity, record)).run(record)
 
     def _restart_without_cryptography(self, why: str) -> None:
         """Re-exec the service if cryptography is loaded (returns when it is not, or in-process)."""
@@ -286,17 +287,7 @@ class AgentRunner:
 
         self._restart_without_cryptography("certificate stored")
         session = OperationalSession(
-            identity,
-            identity.effective_endpoints(self.config.broker),
-            ca_file_for(self.config, identity),
-            self.config.timing,
-            self.states,
-            keys_dir(self.state_dir),
-            self._certs(record),
-            self.sleep,
-            self._stop,
-            tick=self.tick,
-            restart_after_renewal=self.restart_argv is not None,
+            self._context(identity, record), restart_after_renewal=self.restart_argv is not None
         )
         record, outcome = session.run(record)
         if outcome == SessionOutcome.RESTART and not self._stop.is_set():

@@ -23,27 +23,21 @@ session (``SessionOutcome.RESTART``) so the runner can restart without it.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable
 from datetime import datetime, timezone
 from enum import Enum
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent import protocol
 from agent.backoff import Backoff
-from agent.birth import BirthIdentity, Endpoints
-from agent.config import TimingConfig
+from agent.context import DeviceContext
 from agent.errors import AgentError, ProvisioningRejected
 from agent.mqtt_link import LinkError, MqttLink, TlsIdentity, Will
 from agent.protocol import ErrorCode
-from agent.state import AgentState, StateRecord, StateStore, format_fields
-from agent.storage import CertificateStore
+from agent.state import AgentState, StateRecord, format_fields
 
 if TYPE_CHECKING:
     from agent.keystore import FileKeyStore
-    from agent.provisioning import Sleep
 
 log = logging.getLogger("agent.session")
 
@@ -65,34 +59,12 @@ def renew_at(meta: dict[str, Any], fraction: float) -> float:
 
 
 class OperationalSession:
-    def __init__(
-        self,
-        identity: BirthIdentity,
-        endpoints: Endpoints,
-        ca_file: Path,
-        timing: TimingConfig,
-        states: StateStore,
-        key_dir: Path,
-        certs: CertificateStore,
-        sleep: Sleep,
-        stop: threading.Event,
-        tick: Callable[[], None] = lambda: None,
-        *,
-        restart_after_renewal: bool = False,
-    ) -> None:
-        self.identity = identity
-        self.client_id = identity.client_id
-        self.endpoints = endpoints
-        self.ca_file = ca_file
-        self.timing = timing
-        self.states = states
-        self.key_dir = key_dir
-        self.certs = certs
-        self.sleep = sleep
-        self.stop = stop
-        self.tick = tick
+    def __init__(self, context: DeviceContext, *, restart_after_renewal: bool = False) -> None:
+        self.context = context
+        self.client_id = context.identity.client_id
         self.restart_after_renewal = restart_after_renewal
         self._renewed = False
+        timing = context.timing
         self.backoff = Backoff(timing.backoff_initial_s, timing.backoff_max_s)
         self.renew_backoff = Backoff(timing.backoff_initial_s, timing.backoff_max_s)
         self._next_renew_try = 0.0
@@ -100,28 +72,28 @@ class OperationalSession:
     def _keystore(self) -> FileKeyStore:
         from agent.keystore import FileKeyStore  # loads cryptography: renewal only
 
-        return FileKeyStore(self.key_dir)
+        return FileKeyStore(self.context.key_dir)
 
     # --- connections -----------------------------------------------------------
 
     def _connect(self, version: int) -> MqttLink:
-        paths = self.certs.paths(version)
+        paths = self.context.certs.paths(version)
         if paths.key is None:
             raise LinkError(f"certificate version {version} has no key file")
         link = MqttLink(
             self.client_id,
-            self.endpoints.operational_host,
-            self.endpoints.operational_port,
-            TlsIdentity(paths.cert, paths.key, self.ca_file),
-            keepalive=self.timing.keepalive_s,
+            self.context.endpoints.operational_host,
+            self.context.endpoints.operational_port,
+            TlsIdentity(paths.cert, paths.key, self.context.ca_file),
+            keepalive=self.context.timing.keepalive_s,
             will=Will(
                 protocol.status_topic(self.client_id), protocol.encode({"status": "offline"})
             ),
         )
-        link.connect(self.timing.request_timeout_s)
+        link.connect(self.context.timing.request_timeout_s)
         try:
             link.subscribe(
-                protocol.renew_response_topic(self.client_id), self.timing.request_timeout_s
+                protocol.renew_response_topic(self.client_id), self.context.timing.request_timeout_s
             )
             self._publish_status(link, "online")
         except BaseException:
@@ -133,7 +105,7 @@ class OperationalSession:
         link.publish(
             protocol.status_topic(self.client_id),
             protocol.encode({"status": status, "ts": _now_iso()}),
-            self.timing.request_timeout_s,
+            self.context.timing.request_timeout_s,
             retain=True,
         )
 
@@ -146,11 +118,11 @@ class OperationalSession:
     # --- main loop ---------------------------------------------------------------
 
     def run(self, record: StateRecord) -> tuple[StateRecord, SessionOutcome]:
-        while not self.stop.is_set():
-            version = self.certs.live_version()
+        while not self.context.stop.is_set():
+            version = self.context.certs.live_version()
             if version is None:
                 return record, SessionOutcome.REPROVISION
-            meta = self.certs.meta(version)
+            meta = self.context.certs.meta(version)
             if time.time() >= float(meta.get("not_after", 0)):
                 log.warning("%s", format_fields(event="certificate_expired", version=version))
                 return record, SessionOutcome.REPROVISION
@@ -172,19 +144,21 @@ class OperationalSession:
                         event="connect_failed", error=exc.message, retry_in=f"{delay:.1f}"
                     ),
                 )
-                if self.sleep(delay):
+                if self.context.sleep(delay):
                     break
                 continue
             self.backoff.reset()
             if record.state == AgentState.CERT_STORED:
-                record = self.states.transition(record, AgentState.ACTIVE, "connected")
-                self.certs.prune(keep=1)  # a re-provisioned device's old certificate is revoked
+                record = self.context.states.transition(record, AgentState.ACTIVE, "connected")
+                self.context.certs.prune(
+                    keep=1
+                )  # a re-provisioned device's old certificate is revoked
             link, record = self._serve(link, record)
-            if self._renewed and self.restart_after_renewal and not self.stop.is_set():
+            if self._renewed and self.restart_after_renewal and not self.context.stop.is_set():
                 link.close()  # clean DISCONNECT: no last will, the status stays "online"
                 log.info("%s", format_fields(event="session_restart", reason="renewed"))
                 return record, SessionOutcome.RESTART
-            if self.stop.is_set():
+            if self.context.stop.is_set():
                 self._close(link, offline=True)
                 log.info("%s", format_fields(event="stopped", client=self.client_id))
                 return record, SessionOutcome.STOPPED
@@ -193,17 +167,17 @@ class OperationalSession:
             link.close()
             if rejected:
                 return record, SessionOutcome.REPROVISION
-            if self.sleep(self.backoff.next_delay()):
+            if self.context.sleep(self.backoff.next_delay()):
                 break
         return record, SessionOutcome.STOPPED
 
     def _serve(self, link: MqttLink, record: StateRecord) -> tuple[MqttLink, StateRecord]:
         """Heartbeat and renew while connected; return when the link drops or stop is set."""
-        next_heartbeat = time.monotonic() + self.timing.heartbeat_s
-        while link.connected and not self.stop.is_set():
+        next_heartbeat = time.monotonic() + self.context.timing.heartbeat_s
+        while link.connected and not self.context.stop.is_set():
             if self._renewed and self.restart_after_renewal:
                 break  # run() closes the link and hands over to the runner
-            self.tick()
+            self.context.tick()
             if time.monotonic() >= next_heartbeat:
                 try:
                     self._publish_status(link, "online")
@@ -213,11 +187,11 @@ class OperationalSession:
                     log.warning("%s", format_fields(event="heartbeat_failed", error=exc.message))
                     link.close()
                     break
-                next_heartbeat = time.monotonic() + self.timing.heartbeat_s
+                next_heartbeat = time.monotonic() + self.context.timing.heartbeat_s
             if self._renewal_due(record):
                 link, record = self._renew(link, record)
                 continue
-            self.stop.wait(min(1.0, max(0.05, next_heartbeat - time.monotonic())))
+            self.context.stop.wait(min(1.0, max(0.05, next_heartbeat - time.monotonic())))
         return link, record
 
     # --- renewal -------------------------------------------------------------------
@@ -227,10 +201,12 @@ class OperationalSession:
             return False
         if record.state == AgentState.RENEWING:
             return True
-        version = self.certs.live_version()
+        version = self.context.certs.live_version()
         if version is None:
             return False
-        return time.time() >= renew_at(self.certs.meta(version), self.timing.renew_fraction)
+        return time.time() >= renew_at(
+            self.context.certs.meta(version), self.context.timing.renew_fraction
+        )
 
     def _renew(self, link: MqttLink, record: StateRecord) -> tuple[MqttLink, StateRecord]:
         from agent.provisioning import parse_issued, store_certificate  # cryptography
@@ -238,10 +214,10 @@ class OperationalSession:
         keystore = self._keystore()
         try:
             if record.state != AgentState.RENEWING or record.key_slot is None:
-                record, slot = self.states.next_slot(record)
+                record, slot = self.context.states.next_slot(record)
                 keystore.generate(slot)
-                csr = keystore.build_csr(slot, self.client_id, self.identity.mac).decode()
-                record = self.states.transition(
+                csr = keystore.build_csr(slot, self.client_id, self.context.identity.mac).decode()
+                record = self.context.states.transition(
                     record, AgentState.RENEWING, "renewal due", key_slot=slot, csr=csr
                 )
             if record.renew_version is None:
@@ -250,16 +226,16 @@ class OperationalSession:
                     protocol.renew_topic(self.client_id),
                     protocol.encode({"op": "renew", "csr": record.csr}),
                     protocol.renew_response_topic(self.client_id),
-                    self.timing.request_timeout_s,
+                    self.context.timing.request_timeout_s,
                 )
                 response = protocol.parse_response(raw)
                 if response.error is not None:
                     raise ProvisioningRejected(response.error)
                 issued = parse_issued(response.fields)
                 version = store_certificate(
-                    self.certs, keystore, record.key_slot, self.client_id, issued
+                    self.context.certs, keystore, record.key_slot, self.client_id, issued
                 )
-                record = self.states.update(record, renew_version=version)
+                record = self.context.states.update(record, renew_version=version)
         except ProvisioningRejected as exc:
             return link, self._renew_failed(record, exc.error.code, exc.error.message)
         except LinkError as exc:
@@ -270,7 +246,7 @@ class OperationalSession:
         if new_link is not None:
             return new_link, record
         try:  # the new certificate did not connect; the old one is still live
-            return self._connect(self.certs.live_version() or 0), record
+            return self._connect(self.context.certs.live_version() or 0), record
         except LinkError:
             return link, record  # closed: the main loop reconnects with backoff
 
@@ -280,7 +256,7 @@ class OperationalSession:
         """Connect with the staged certificate, confirm it, make it live."""
         version = record.renew_version
         assert version is not None
-        serial = str(self.certs.meta(version).get("serial"))
+        serial = str(self.context.certs.meta(version).get("serial"))
         try:
             link = self._connect(version)
         except LinkError as exc:
@@ -294,7 +270,7 @@ class OperationalSession:
                 protocol.renew_topic(self.client_id),
                 protocol.encode({"op": "renew-confirm", "serial": serial}),
                 protocol.renew_response_topic(self.client_id),
-                self.timing.request_timeout_s,
+                self.context.timing.request_timeout_s,
             )
             response = protocol.parse_response(raw)
             if response.error is not None:
@@ -306,9 +282,9 @@ class OperationalSession:
             # The new certificate works; the server learns the serial from the next confirm
             # or from the connection itself. Not a reason to keep the old one live.
             log.warning("%s", format_fields(event="renew_confirm_failed", error=exc.message))
-        self.certs.activate(version)
+        self.context.certs.activate(version)
         slot = record.key_slot
-        record = self.states.transition(
+        record = self.context.states.transition(
             record,
             AgentState.ACTIVE,
             "renewed",
@@ -320,7 +296,7 @@ class OperationalSession:
         )
         if slot is not None:
             self._keystore().delete(slot)  # the version holds its own link to the key
-        self.certs.prune(keep=1)
+        self.context.certs.prune(keep=1)
         self.renew_backoff.reset()
         self._next_renew_try = 0.0
         self._renewed = True
@@ -341,7 +317,7 @@ class OperationalSession:
 
     def _drop_renewal(self, record: StateRecord, reason: str) -> StateRecord:
         slot = record.key_slot
-        record = self.states.transition(
+        record = self.context.states.transition(
             record, AgentState.ACTIVE, reason, key_slot=None, csr=None, renew_version=None
         )
         if slot is not None:

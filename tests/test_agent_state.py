@@ -27,6 +27,7 @@ from agent.birth import (
 )
 from agent.cli import main
 from agent.config import load_config
+from agent.context import DeviceContext
 from agent.errors import IdentityError, StorageError
 from agent.keystore import FileKeyStore
 from agent.provisioning import Provisioner
@@ -156,17 +157,18 @@ def test_slot_counter_never_reuses_a_name(tmp_path: Path) -> None:
 
 def _provisioner(state_dir: Path, identity: BirthIdentity) -> Provisioner:
     config = load_config(write_config(state_dir.parent, state_dir), env={})
-    return Provisioner(
-        identity,
-        identity.endpoints,
-        identity.chain_path,
-        config.timing,
-        StateStore(state_dir),
-        FileKeyStore(keys_dir(state_dir)),
-        CertificateStore(certs_dir(state_dir)),
+    context = DeviceContext(
+        identity=identity,
+        endpoints=identity.endpoints,
+        ca_file=identity.chain_path,
+        timing=config.timing,
+        states=StateStore(state_dir),
+        key_dir=keys_dir(state_dir),
+        certs=CertificateStore(certs_dir(state_dir)),
         sleep=lambda seconds: True,  # the first wait stops the run
         stop=threading.Event(),
     )
+    return Provisioner(context)
 
 
 def test_resume_reuses_key_and_csr_once_built(
