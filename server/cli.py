@@ -6,50 +6,20 @@ stderr), 2 a usage error.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import click
 
 from server.cli_output import DEVICE_HEADERS, device_row, table, to_json
-from server.config import load_server_config, read_passphrase
-from server.db import DEFAULT_DATABASE, Database
+from server.cli_pki import broker_config, ca
+from server.cli_state import CliState, ServerGroup, pass_state
+from server.config import load_server_config
+from server.db import DEFAULT_DATABASE
 from server.devices import DeviceRepository
-from server.errors import ServerError
 from server.schema import DeviceStatus
 from server.users import UserRepository
 
 DEFAULT_MONGODB_URI = f"mongodb://127.0.0.1:27017/{DEFAULT_DATABASE}"
-
-
-class ServerGroup(click.Group):
-    """Turns every ServerError into click's one-line error with exit code 1."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except ServerError as exc:
-            raise click.ClickException(exc.message) from None
-
-
-@dataclass
-class CliState:
-    mongodb_uri: str
-    _database: Database | None = field(default=None, repr=False)
-
-    @property
-    def database(self) -> Database:
-        if self._database is None:
-            self._database = Database(self.mongodb_uri)
-        return self._database
-
-    def close(self) -> None:
-        if self._database is not None:
-            self._database.close()
-
-
-pass_state = click.make_pass_decorator(CliState)
 
 
 @click.group(cls=ServerGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -68,6 +38,12 @@ def main(ctx: click.Context, mongodb_uri: str) -> None:
     state = CliState(mongodb_uri)
     ctx.obj = state
     ctx.call_on_close(state.close)
+
+
+# --- ca, broker-config: server/cli_pki.py ---------------------------------
+
+main.add_command(ca)
+main.add_command(broker_config)
 
 
 # --- db --------------------------------------------------------------------
@@ -213,64 +189,6 @@ def device_revoke(state: CliState, device_ref: str, reason: str) -> None:
     click.echo(f"revoked certificate {serial} of {doc['clientId']}")
 
 
-# --- ca --------------------------------------------------------------------
-
-
-@main.group(cls=ServerGroup)
-def ca() -> None:
-    """Certificate authorities (root, device CA, factory CA)."""
-
-
-@ca.command("init")
-@click.option(
-    "--dir",
-    "directory",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="Directory for the CA material (created 0700).",
-)
-@click.option(
-    "--passphrase-file",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="Encrypt the CA keys with the passphrase in this file.",
-)
-@click.option(
-    "--server-name",
-    "server_names",
-    multiple=True,
-    default=("localhost",),
-    show_default=True,
-    help="DNS name of the broker (repeatable).",
-)
-def ca_init(directory: Path, passphrase_file: Path | None, server_names: tuple[str, ...]) -> None:
-    """Create the CAs and the broker/server identities; never overwrites."""
-    from server.ca import CertificateAuthority
-
-    CertificateAuthority.init(
-        directory, passphrase=read_passphrase(passphrase_file), server_names=server_names
-    )
-    click.echo(f"CA material written to {directory}")
-
-
-@ca.command("show")
-@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
-@click.option("--passphrase-file", type=click.Path(path_type=Path, dir_okay=False), default=None)
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def ca_show(directory: Path, passphrase_file: Path | None, as_json: bool) -> None:
-    """Show subject, serial, validity and fingerprint of each CA certificate."""
-    from server.ca import CertificateAuthority
-
-    described = CertificateAuthority.load(directory, read_passphrase(passphrase_file)).describe()
-    if as_json:
-        click.echo(to_json(described))
-        return
-    for entry in described:
-        for key, value in entry.items():
-            click.echo(f"{key:12} {value}")
-        click.echo()
-
-
 # --- run -------------------------------------------------------------------
 
 
@@ -316,89 +234,3 @@ def run(
         broker_config_dir=broker_config_dir,
     )
     run_service(config, verbose=verbose)
-
-
-# --- broker ------------------------------------------------------------------
-
-
-@main.command("broker-config")
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    required=True,
-    help="Directory for mosquitto.conf, ACL files and the CRL.",
-)
-@click.option("--ca-dir", type=click.Path(path_type=Path), required=True, help="CA directory.")
-@click.option(
-    "--provisioning-port",
-    type=click.IntRange(1, 65535),
-    default=8883,
-    show_default=True,
-    help="Listener for birth certificates.",
-)
-@click.option(
-    "--operational-port",
-    type=click.IntRange(1, 65535),
-    default=8884,
-    show_default=True,
-    help="Listener for operational certificates (with CRL).",
-)
-@click.option(
-    "--server-port",
-    type=click.IntRange(1, 65535),
-    default=8885,
-    show_default=True,
-    help="Loopback listener for the server's own identity.",
-)
-@click.option(
-    "--bind",
-    default="0.0.0.0",  # noqa: S104 (devices connect from the network)
-    show_default=True,
-    help="Address of the two device listeners.",
-)
-@click.option("--run-as", default=None, help="Mosquitto's `user` option.")
-@pass_state
-def broker_config(
-    state: CliState,
-    out_dir: Path,
-    ca_dir: Path,
-    provisioning_port: int,
-    operational_port: int,
-    server_port: int,
-    bind: str,
-    run_as: str | None,
-) -> None:
-    """Write a working Mosquitto config with ACLs and CRL from the database.
-
-    Start Mosquitto with `mosquitto -c OUT/mosquitto.conf`; `provision-server run
-    --broker-config-dir OUT` then keeps the ACL and CRL in sync (SIGHUP, no restart).
-    """
-    from server.acl_sync import read_broker_state
-    from server.broker_config import BrokerLayout, write_broker_files
-    from server.broker_layout_file import save_layout
-    from server.ca import CertificateAuthority
-
-    ca = CertificateAuthority.load(ca_dir)
-    layout = BrokerLayout(
-        directory=out_dir.resolve(),
-        ca=ca.paths,
-        provisioning_port=provisioning_port,
-        operational_port=operational_port,
-        server_port=server_port,
-        device_bind=bind,
-        run_as=run_as,
-    )
-    broker_state = read_broker_state(state.database)
-    write_broker_files(
-        layout,
-        broker_state.acl_docs,
-        broker_state.revoked_device_ids,
-        broker_state.crl_pem(ca),
-        ca.build_crl([], issuer="factory"),
-    )
-    save_layout(layout)
-    click.echo(
-        f"wrote {layout.conf_path} (listeners: provisioning {provisioning_port}, "
-        f"operational {operational_port}, server 127.0.0.1:{server_port})"
-    )
