@@ -120,6 +120,11 @@ class MqttDevice:
         props = publish_properties(response_topic, correlation)
         return self._session.publish_reason(topic, payload, props, retain=retain, timeout=timeout)
 
+    def send(self, topic: str, payload: bytes, *, correlation: bytes, response_topic: str) -> None:
+        """A QoS 1 request that does not wait for its PUBACK: many can be in flight at once."""
+        props = publish_properties(response_topic, correlation)
+        self.client.publish(topic, payload, qos=1, properties=props)
+
     def request(self, payload: bytes, timeout: float = 10.0) -> dict[str, Any]:
         """Publish on the own request topic and wait for the matching response."""
         correlation = os.urandom(8)

@@ -12,8 +12,6 @@ from typing import Any
 
 import pytest
 from bson import ObjectId
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent import protocol
 from server.broker_config import BrokerLayout, reload_broker, start_local_broker, write_broker_files
@@ -321,15 +319,13 @@ def test_200_concurrent_csrs_over_the_broker_yield_one_certificate(
     token = device.request(kit.token_request())["token"]
     payload = kit.csr_request(token)
     correlations = [f"c{i}".encode() for i in range(200)]
-    props = []
-    for correlation in correlations:
-        prop = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        prop.CorrelationData = correlation
-        prop.ResponseTopic = protocol.response_topic(kit.client_id)
-        props.append(prop)
-    for prop in props:  # all in flight at once, no waiting in between
-        device.client.publish(protocol.request_topic(kit.client_id), payload, qos=1,
-                              properties=prop)  # fmt: skip
+    for correlation in correlations:  # all in flight at once, no waiting in between
+        device.send(
+            protocol.request_topic(kit.client_id),
+            payload,
+            correlation=correlation,
+            response_topic=protocol.response_topic(kit.client_id),
+        )
     answers: dict[bytes, dict[str, Any]] = {}
     while len(answers) < 200:
         answered, body = device.responses.get(timeout=30)
@@ -357,11 +353,12 @@ def test_sigterm_answers_every_request_it_accepted(
     time.sleep(1.5)
     sessions = [birth_session(kit, layout, mqtt_ca) for kit in kits]
     for session, kit in zip(sessions, kits, strict=True):
-        prop = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        prop.CorrelationData = b"t"
-        prop.ResponseTopic = protocol.response_topic(kit.client_id)
-        session.client.publish(protocol.request_topic(kit.client_id), kit.token_request(),
-                               qos=1, properties=prop)  # fmt: skip
+        session.send(
+            protocol.request_topic(kit.client_id),
+            kit.token_request(),
+            correlation=b"t",
+            response_topic=protocol.response_topic(kit.client_id),
+        )
     time.sleep(0.05)
     proc.terminate()  # SIGTERM while requests are in flight
     assert proc.wait(timeout=30) == 0
