@@ -86,7 +86,7 @@ def store_certificate(
     """
     try:
         cert = x509.load_pem_x509_certificate(issued.certificate.encode())
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):  # InvalidVersion is not a ValueError
         raise ProvisioningRejected(
             ProtocolError(ErrorCode.INTERNAL, "server sent an unreadable certificate")
         ) from None

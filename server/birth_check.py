@@ -30,7 +30,7 @@ def check_birth_certificate(
     """Raise BirthCertificateInvalid or MacMismatch unless ``pem`` is this device's birth cert."""
     try:
         cert = x509.load_pem_x509_certificate(pem.encode())
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):  # InvalidVersion is not a ValueError
         raise BirthCertificateInvalid("birth certificate is not a PEM certificate") from None
     try:
         cert.verify_directly_issued_by(factory_ca)

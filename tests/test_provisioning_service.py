@@ -420,3 +420,31 @@ def test_batched_status_writes_apply_latest_per_device_and_respect_the_state_gua
     assert set(statuses.values()) == {"ACTIVE"}
     assert writer.written == 21
     assert writer.flush() == 0
+
+
+def test_birth_certificate_with_an_unknown_x509_version_is_a_bad_request(
+    database: Database,
+    service: ProvisioningService,
+    service_ca: CertificateAuthority,
+    user_id: ObjectId,
+) -> None:
+    """Found by the hostile suite: InvalidVersion is not a ValueError (was INTERNAL)."""
+    import base64
+
+    kit = DeviceKit("board-11", "02:00:00:00:00:0B", service_ca)
+    register(database, kit, user_id)
+    der = x509.load_pem_x509_certificate(kit.birth_pem.encode()).public_bytes(
+        serialization.Encoding.DER
+    )
+    v3 = bytes.fromhex("a003020102")  # [0] EXPLICIT INTEGER 2 (X.509 v3)
+    assert v3 in der
+    bad = der.replace(v3, bytes.fromhex("a003020105"), 1)
+    kit.birth_pem = (
+        "-----BEGIN CERTIFICATE-----\n"
+        + base64.encodebytes(bad).decode()
+        + "-----END CERTIFICATE-----\n"
+    )
+    before = snapshot(database)
+    answer_ = answer(service, kit.client_id, kit.token_request())
+    assert answer_["error"]["code"] == "BAD_REQUEST", answer_
+    assert snapshot(database) == before
