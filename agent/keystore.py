@@ -8,7 +8,6 @@ goes out is a CSR (``build_csr``). No function here logs or formats key bytes.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import secrets
@@ -24,7 +23,7 @@ from cryptography.x509.oid import NameOID
 
 from agent.errors import KeyStoreError
 from agent.protocol import CLIENT_ID_RE, mac_uri, normalise_mac
-from agent.storage import FILE_MODE, ensure_private_dir, fsync_dir
+from agent.storage import FILE_MODE, directory_lock, ensure_private_dir, fsync_dir
 
 SLOT_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 KEY_SUFFIX: Final = ".key"
@@ -113,16 +112,8 @@ class FileKeyStore:
     def _locked(self) -> Iterator[None]:
         # Serialises generate/cleanup across processes so cleanup never removes
         # the temp file of a key that another process is still writing.
-        fd = os.open(
-            self.directory / ".lock",
-            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-            FILE_MODE,
-        )
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with directory_lock(self.directory):
             yield
-        finally:
-            os.close(fd)
 
     def _remove_stale_temps(self) -> None:
         removed = False

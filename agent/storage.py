@@ -122,6 +122,19 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return obj
 
 
+@contextlib.contextmanager
+def directory_lock(directory: Path) -> Iterator[None]:
+    """Exclusive ``flock`` on ``<directory>/.lock``, across processes, released on exit."""
+    fd = os.open(
+        directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE
+    )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def write_json_atomic(path: Path, obj: Mapping[str, Any], mode: int = FILE_MODE) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n", mode)
 
@@ -220,14 +233,8 @@ class CertificateStore:
     def _locked(self) -> Iterator[None]:
         ensure_private_dir(self.root)
         ensure_private_dir(self.archive)
-        fd = os.open(
-            self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE
-        )
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with directory_lock(self.root):
             yield
-        finally:
-            os.close(fd)
 
     def _remove_leftovers(self) -> None:
         """Delete staging/trash directories left by a crash (never numbered versions)."""
