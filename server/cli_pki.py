@@ -5,7 +5,9 @@ Registered on ``main`` by server/cli.py (``main.add_command``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
@@ -15,6 +17,20 @@ from server.config import read_passphrase
 
 # --- ca --------------------------------------------------------------------
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+passphrase_option = click.option(
+    "--passphrase-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="File holding the passphrase of the CA keys (ca init: encrypt them with it).",
+)
+
+
+def ca_dir_option(name: str, help_text: str) -> Callable[[F], F]:
+    return click.option(name, "ca_dir", type=click.Path(path_type=Path), required=True,
+                        help=help_text)  # fmt: skip
+
 
 @click.group(cls=ServerGroup)
 def ca() -> None:
@@ -22,19 +38,8 @@ def ca() -> None:
 
 
 @ca.command("init")
-@click.option(
-    "--dir",
-    "directory",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="Directory for the CA material (created 0700).",
-)
-@click.option(
-    "--passphrase-file",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="Encrypt the CA keys with the passphrase in this file.",
-)
+@ca_dir_option("--dir", "Directory for the CA material (created 0700).")
+@passphrase_option
 @click.option(
     "--server-name",
     "server_names",
@@ -43,25 +48,25 @@ def ca() -> None:
     show_default=True,
     help="DNS name of the broker (repeatable).",
 )
-def ca_init(directory: Path, passphrase_file: Path | None, server_names: tuple[str, ...]) -> None:
+def ca_init(ca_dir: Path, passphrase_file: Path | None, server_names: tuple[str, ...]) -> None:
     """Create the CAs and the broker/server identities; never overwrites."""
     from server.ca import CertificateAuthority
 
     CertificateAuthority.init(
-        directory, passphrase=read_passphrase(passphrase_file), server_names=server_names
+        ca_dir, passphrase=read_passphrase(passphrase_file), server_names=server_names
     )
-    click.echo(f"CA material written to {directory}")
+    click.echo(f"CA material written to {ca_dir}")
 
 
 @ca.command("show")
-@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
-@click.option("--passphrase-file", type=click.Path(path_type=Path, dir_okay=False), default=None)
+@ca_dir_option("--dir", "CA directory.")
+@passphrase_option
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def ca_show(directory: Path, passphrase_file: Path | None, as_json: bool) -> None:
+def ca_show(ca_dir: Path, passphrase_file: Path | None, as_json: bool) -> None:
     """Show subject, serial, validity and fingerprint of each CA certificate."""
     from server.ca import CertificateAuthority
 
-    described = CertificateAuthority.load(directory, read_passphrase(passphrase_file)).describe()
+    described = CertificateAuthority.load(ca_dir, read_passphrase(passphrase_file)).describe()
     if as_json:
         click.echo(to_json(described))
         return
@@ -82,7 +87,8 @@ def ca_show(directory: Path, passphrase_file: Path | None, as_json: bool) -> Non
     required=True,
     help="Directory for mosquitto.conf, ACL files and the CRL.",
 )
-@click.option("--ca-dir", type=click.Path(path_type=Path), required=True, help="CA directory.")
+@ca_dir_option("--ca-dir", "CA directory (the CRL is signed with the device CA key).")
+@passphrase_option
 @click.option(
     "--provisioning-port",
     type=click.IntRange(1, 65535),
@@ -116,6 +122,7 @@ def broker_config(
     state: CliState,
     out_dir: Path,
     ca_dir: Path,
+    passphrase_file: Path | None,
     provisioning_port: int,
     operational_port: int,
     server_port: int,
@@ -132,7 +139,7 @@ def broker_config(
     from server.broker_layout_file import save_layout
     from server.ca import CertificateAuthority
 
-    ca = CertificateAuthority.load(ca_dir)
+    ca = CertificateAuthority.load(ca_dir, read_passphrase(passphrase_file))
     layout = BrokerLayout(
         directory=out_dir.resolve(),
         ca=ca.paths,

@@ -81,7 +81,9 @@ def test_broker_config_then_revoke_refuses_the_device_without_restart(
         broker.stop()
 
 
-def test_ca_init_with_passphrase_show_and_refusal_to_overwrite(tmp_path: Path) -> None:
+def test_ca_init_with_passphrase_show_and_refusal_to_overwrite(
+    tmp_path: Path, database: Database, mongodb_uri: str
+) -> None:
     secret = tmp_path / "passphrase"
     secret.write_text("correct horse battery staple\n")
     ca_dir = tmp_path / "ca"
@@ -102,3 +104,12 @@ def test_ca_init_with_passphrase_show_and_refusal_to_overwrite(tmp_path: Path) -
     wrong.write_text("nope")
     refused = cli(uri, "ca", "show", "--dir", str(ca_dir), "--passphrase-file", str(wrong))
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    # broker-config signs the CRL with the device CA key: it needs the passphrase too.
+    out = tmp_path / "broker"
+    base = ["broker-config", "--out", str(out), "--ca-dir", str(ca_dir)]
+    locked = cli(mongodb_uri, *base)
+    assert locked.returncode == 1 and len(locked.stderr.strip().splitlines()) == 1
+    assert not (out / "crl.pem").exists()
+    unlocked = cli(mongodb_uri, *base, "--passphrase-file", str(secret))
+    assert unlocked.returncode == 0, unlocked.stderr
+    assert (out / "crl.pem").exists() and (out / "mosquitto.conf").exists()
