@@ -5,12 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import random
-import signal
 import stat
-import subprocess
-import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +18,7 @@ from cryptography.x509.oid import ExtensionOID, NameOID
 
 from agent.errors import KeyStoreError
 from agent.keystore import FileKeyStore, KeyStore, build_csr
+from tests.sigkill import kill_at_random_point
 
 
 def mode_of(path: Path) -> int:
@@ -204,17 +201,7 @@ GENERATOR = textwrap.dedent(
 def test_sigkill_during_generate_never_leaves_a_bad_key(tmp_path: Path) -> None:
     rng = random.Random(7)
     for run in range(5):
-        child = subprocess.Popen(
-            [sys.executable, "-c", GENERATOR, str(tmp_path), str(run)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert child.stdout is not None
-        assert child.stdout.readline() == "ready\n"
-        time.sleep(rng.uniform(0.0, 0.1))
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        child.stdout.close()
+        kill_at_random_point(GENERATOR, [str(tmp_path), str(run)], rng, 0.1)
     store = FileKeyStore(tmp_path)
     slots = [name.removesuffix(".key") for name in os.listdir(tmp_path) if name.endswith(".key")]
     assert len(slots) >= 5

@@ -7,10 +7,7 @@ import os
 import random
 import signal
 import stat
-import subprocess
-import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +26,7 @@ from agent.storage import (
     read_json,
     write_json_atomic,
 )
+from tests.sigkill import kill_at_random_point
 
 
 def mode_of(path: Path) -> int:
@@ -320,18 +318,8 @@ def test_sigkill_at_random_points_leaves_a_consistent_store(tmp_path: Path) -> N
     rng = random.Random(0xC0FFEE)
     lives = set()
     for run in range(20):
-        child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(tmp_path), str(run)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert child.stdout is not None
-        assert child.stdout.readline() == "ready\n"
-        time.sleep(rng.uniform(0.0, 0.15))
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        child.stdout.close()
-        assert child.returncode == -signal.SIGKILL
+        returncode = kill_at_random_point(CHILD, [str(tmp_path), str(run)], rng, 0.15)
+        assert returncode == -signal.SIGKILL
         lives.add(assert_consistent(tmp_path))
     assert len(lives) == 20  # every run got as far as its own activation
     # After all those crashes the store still accepts a new version and cleans up.
@@ -363,14 +351,6 @@ def test_sigkill_during_atomic_write_leaves_old_or_new_content(tmp_path: Path) -
     target = tmp_path / "state.bin"
     rng = random.Random(3)
     for _ in range(5):
-        child = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True
-        )
-        assert child.stdout is not None
-        assert child.stdout.readline() == "ready\n"
-        time.sleep(rng.uniform(0.0, 0.1))
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        child.stdout.close()
+        kill_at_random_point(WRITER, [str(target)], rng, 0.1)
         assert target.read_bytes() in (b"A" * 200_000, b"B" * 200_000)
         assert mode_of(target) == 0o600
