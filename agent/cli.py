@@ -55,7 +55,7 @@ class _LazyGroup(click.Group):
     """
 
     lazy: ClassVar[dict[str, tuple[str, str]]] = {
-        "factory-console": ("agent.factory_console", "factory_console_command"),
+        "factory-console": ("agent.factory.console", "factory_console_command"),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -10,9 +10,7 @@ that talks to the wrong broker. The file format is documented in
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
@@ -22,8 +20,8 @@ from typing import Any, Final
 
 import platformdirs
 
+from agent import config_values as checks
 from agent.errors import ConfigError
-from agent.protocol import CLIENT_ID_RE
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -82,117 +80,7 @@ class AgentConfig:
     source: Path | None = field(default=None, compare=False)
 
 
-# --- value checkers: each returns the converted value or raises _Invalid -----
-
-
-class _Invalid(Exception):
-    """Internal: a value failed its check; the message says what was expected."""
-
-
-_HOST_RE: Final = re.compile(r"^[A-Za-z0-9._:\[\]-]{1,253}$")
-_IFNAME_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
-
-
-def _text(raw: object, from_env: bool) -> str:
-    if not isinstance(raw, str):
-        raise _Invalid("a string")
-    return raw
-
-
-def _host(raw: object, from_env: bool) -> str:
-    value = _text(raw, from_env)
-    if not _HOST_RE.fullmatch(value):
-        raise _Invalid("a host name or IP address (no scheme, no port, no spaces)")
-    return value
-
-
-def _integer(raw: object, from_env: bool) -> int:
-    if from_env and isinstance(raw, str):
-        try:
-            return int(raw.strip())
-        except ValueError:
-            raise _Invalid("an integer") from None
-    if isinstance(raw, bool) or not isinstance(raw, int):
-        raise _Invalid("an integer")
-    return raw
-
-
-def _number(raw: object, from_env: bool) -> float:
-    if from_env and isinstance(raw, str):
-        try:
-            value = float(raw.strip())
-        except ValueError:
-            raise _Invalid("a number") from None
-    elif isinstance(raw, bool) or not isinstance(raw, int | float):
-        raise _Invalid("a number")
-    else:
-        value = float(raw)
-    if not math.isfinite(value):
-        raise _Invalid("a finite number")
-    return value
-
-
-def _port(raw: object, from_env: bool) -> int:
-    value = _integer(raw, from_env)
-    if not 1 <= value <= 65535:
-        raise _Invalid("a TCP port number in 1..65535")
-    return value
-
-
-def _positive_seconds(raw: object, from_env: bool) -> float:
-    value = _number(raw, from_env)
-    if value <= 0:
-        raise _Invalid("a positive number of seconds")
-    return value
-
-
-def _fraction(raw: object, from_env: bool) -> float:
-    value = _number(raw, from_env)
-    if not 0 < value < 1:
-        raise _Invalid("a fraction strictly between 0 and 1")
-    return value
-
-
-def _keepalive(raw: object, from_env: bool) -> int:
-    value = _integer(raw, from_env)
-    if not 1 <= value <= 65535:
-        raise _Invalid("whole seconds in 1..65535 (the MQTT keep-alive field)")
-    return value
-
-
-def _baud(raw: object, from_env: bool) -> int:
-    value = _integer(raw, from_env)
-    if not 50 <= value <= 4_000_000:
-        raise _Invalid("a baud rate in 50..4000000")
-    return value
-
-
-def _interface(raw: object, from_env: bool) -> str:
-    value = _text(raw, from_env)
-    if not _IFNAME_RE.fullmatch(value):
-        raise _Invalid("a network interface name (1-15 characters, as in /sys/class/net)")
-    return value
-
-
-def _client_id(raw: object, from_env: bool) -> str:
-    value = _text(raw, from_env)
-    if not CLIENT_ID_RE.fullmatch(value):
-        raise _Invalid(f"a client id matching {CLIENT_ID_RE.pattern}")
-    return value
-
-
-def _device_path(raw: object, from_env: bool) -> str:
-    value = _text(raw, from_env)
-    if not value.startswith("/"):
-        raise _Invalid("an absolute device path such as /dev/ttyS0")
-    return value
-
-
-def _path(raw: object, from_env: bool) -> Path:
-    value = _text(raw, from_env)
-    if not value or "\0" in value:
-        raise _Invalid("a file system path")
-    return Path(value)
+# --- the schema; the value checks live in agent/config_values.py ---
 
 
 _Check = Callable[[object, bool], Any]
@@ -201,29 +89,29 @@ _Check = Callable[[object, bool], Any]
 # the three path defaults that depend on the environment are filled in later.
 _SCHEMA: Final[dict[str, dict[str, tuple[_Check, object]]]] = {
     "broker": {
-        "provisioning_host": (_host, None),
-        "provisioning_port": (_port, 8883),
-        "operational_host": (_host, None),
-        "operational_port": (_port, 8884),
-        "ca_bundle": (_path, None),
+        "provisioning_host": (checks.host, None),
+        "provisioning_port": (checks.port, 8883),
+        "operational_host": (checks.host, None),
+        "operational_port": (checks.port, 8884),
+        "ca_bundle": (checks.path, None),
     },
     "device": {
-        "interface": (_interface, None),
-        "sysfs_root": (_path, Path("/sys")),
-        "client_id": (_client_id, None),
-        "state_dir": (_path, None),
+        "interface": (checks.interface, None),
+        "sysfs_root": (checks.path, Path("/sys")),
+        "client_id": (checks.client_id, None),
+        "state_dir": (checks.path, None),
     },
     "timing": {
-        "request_timeout_s": (_positive_seconds, 10.0),
-        "backoff_initial_s": (_positive_seconds, 1.0),
-        "backoff_max_s": (_positive_seconds, 300.0),
-        "heartbeat_s": (_positive_seconds, 60.0),
-        "renew_fraction": (_fraction, 2 / 3),
-        "keepalive_s": (_keepalive, 60),
+        "request_timeout_s": (checks.positive_seconds, 10.0),
+        "backoff_initial_s": (checks.positive_seconds, 1.0),
+        "backoff_max_s": (checks.positive_seconds, 300.0),
+        "heartbeat_s": (checks.positive_seconds, 60.0),
+        "renew_fraction": (checks.fraction, 2 / 3),
+        "keepalive_s": (checks.keepalive, 60),
     },
     "serial": {
-        "port": (_device_path, None),
-        "baud": (_baud, 115200),
+        "port": (checks.device_path, None),
+        "baud": (checks.baud, 115200),
     },
 }
 
@@ -317,7 +205,7 @@ def _check(
     checker, _ = _SCHEMA[section][key]
     try:
         value = checker(raw, from_env)
-    except _Invalid as exc:
+    except checks.InvalidValue as exc:
         raise ConfigError(f"{origin}: [{section}] {key}: expected {exc}, got {raw!r}") from None
     if isinstance(value, Path) and not value.is_absolute():
         # File values are relative to the file; environment values to the cwd.

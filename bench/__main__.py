@@ -23,7 +23,6 @@ from typing import Any
 
 from bench.provisioning_rate import (
     AgentResult,
-    BenchStack,
     FleetResult,
     ServiceRate,
     first_boot_to_active,
@@ -33,6 +32,7 @@ from bench.provisioning_rate import (
     run_fleet,
 )
 from bench.signing_rate import SigningRate, measure_signing_rate
+from bench.stack import BenchStack
 
 TARGET_RATE = 100.0
 TARGET_FIRST_BOOT_S = 1.0

@@ -29,15 +29,16 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import protocol
 from agent.keystore import build_csr
-from bench.hostile_mqtt import ServerProcess, Session, write_key
+from bench.hostile_mqtt import QUIET_SERVER_ENV, ServerProcess, Session, write_key
 from bench.lightweight_device import DeviceIdentity, provision
-from server.broker_config import BrokerLayout
-from server.ca import CertificateAuthority
-from server.db import Database
-from server.devices import DeviceRepository
-from server.provisioning import ProvisioningService, ServicePolicy
-from server.schema import DEVICES
-from server.users import UserRepository
+from server.broker.mosquitto_conf import BrokerLayout
+from server.pki.ca import CertificateAuthority
+from server.service.policy import ServicePolicy
+from server.service.provisioning import ProvisioningService
+from server.store.db import Database
+from server.store.devices import DeviceRepository
+from server.store.schema import DEVICES
+from server.store.users import UserRepository
 
 CONVERGE_TIMEOUT_S: Final = 60.0
 
@@ -307,7 +308,6 @@ def churn(
     seed: int,
 ) -> ChurnOutcome:
     """Server process, devices, churn, final check."""
-    from bench.hostile import QUIET_SERVER_ENV
 
     server = ServerProcess(
         ca, layout.server_port, mongodb_uri, workdir / "churn-server.log", QUIET_SERVER_ENV

@@ -28,22 +28,31 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent import protocol
 from agent.keystore import build_csr
-from bench.hostile_inputs import Channel, Hostile, Material, MessageFactory
-from bench.hostile_mqtt import BrokerOutcome, ServerProcess, Session, Sessions, rss_bytes, write_key
-from server.broker_config import BrokerLayout
-from server.ca import CertificateAuthority
-from server.db import Database
-from server.devices import DeviceRepository
-from server.provisioning import ProvisioningService
-from server.schema import DEVICES
-from server.users import UserRepository
+from bench.hostile_inputs import Channel, Hostile, MessageFactory
+from bench.hostile_mqtt import (
+    MB,
+    QUIET_SERVER_ENV,
+    BrokerOutcome,
+    ServerProcess,
+    Session,
+    Sessions,
+    memory_growth_mb,
+    rss_bytes,
+    write_key,
+)
+from bench.hostile_pki import Material
+from server.broker.mosquitto_conf import BrokerLayout
+from server.pki.ca import CertificateAuthority
+from server.service.provisioning import ProvisioningService
+from server.store.db import Database
+from server.store.devices import DeviceRepository
+from server.store.schema import DEVICES
+from server.store.users import UserRepository
 
-MB = 1024 * 1024
 MEMORY_LIMIT_MB = 20.0
 # A sweep of silent ACTIVE devices is a legitimate write; the hostile run must not see one.
 # Families that hold exact replays, answered "ok" with no change (same certificate, same serial).
 IDEMPOTENT_FAMILIES = frozenset({"replay", "renew-confirm", "byte-mutated"})
-QUIET_SERVER_ENV = {"PROVISION_SERVER_POLICY_OFFLINE_TIMEOUT_S": "86400"}
 
 
 def snapshot(database: Database) -> dict[str, list[bytes]]:
@@ -212,14 +221,6 @@ def _record_answer(out: DirectOutcome, message: Hostile, answer: bytes) -> None:
         out.internal.append(f"{message.family}: {message.payload[:120]!r}")
 
 
-def memory_growth_mb(samples: list[int]) -> float:
-    """Growth after warm-up: the last sample against the one a fifth into the run."""
-    if len(samples) < 2:
-        return 0.0
-    warm = samples[max(1, len(samples) // 5) - 1]
-    return (samples[-1] - warm) / MB
-
-
 # --- the full run ------------------------------------------------------------------
 
 
@@ -333,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
     print(f"seed {seed} (replay with --seed {seed})", flush=True)
-    from bench.provisioning_rate import BenchStack
+    from bench.stack import BenchStack
 
     with tempfile.TemporaryDirectory(prefix="hostile-") as tmp:
         workdir = Path(tmp)

@@ -31,10 +31,13 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import protocol
 from bench.hostile_inputs import Channel, Hostile
-from server.ca import CertificateAuthority
+from server.pki.ca import CertificateAuthority
 
 WINDOW: Final = 100  # messages in flight (unanswered) at most
 TIMEOUT_S: Final = 60.0
+MB: Final = 1024 * 1024
+# A server that never sweeps devices OFFLINE while a long hostile run keeps them busy.
+QUIET_SERVER_ENV: Final = {"PROVISION_SERVER_POLICY_OFFLINE_TIMEOUT_S": "86400"}
 
 
 def rss_bytes(pid: int) -> int:
@@ -339,3 +342,11 @@ def _record(outcome: BrokerOutcome, message: Hostile, body: Mapping[str, Any]) -
     outcome.codes[code] += 1
     if code == protocol.ErrorCode.INTERNAL.value:
         outcome.internal.append(f"{message.family}: {message.payload[:120]!r}")
+
+
+def memory_growth_mb(samples: list[int]) -> float:
+    """Growth after warm-up: the last sample against the one a fifth into the run."""
+    if len(samples) < 2:
+        return 0.0
+    warm = samples[max(1, len(samples) // 5) - 1]
+    return (samples[-1] - warm) / MB

@@ -22,9 +22,9 @@ from typing import Any
 
 import serial
 
-from agent import factory_commands as fc
-from agent.factory_console import FactoryConsole
-from agent.serial_frames import (
+from agent.factory import commands as fc
+from agent.factory.console import FactoryConsole
+from agent.factory.frames import (
     CHUNK,
     CHUNK_REF,
     CRC,
@@ -35,8 +35,8 @@ from agent.serial_frames import (
     FrameType,
     encode_frame,
 )
-from agent.serial_link import SerialLink
-from server.simulated_board import make_board_files, make_sysfs
+from agent.factory.link import SerialLink
+from harness.simulated_board import make_board_files, make_sysfs
 
 MAC = "02:00:00:5E:00:01"
 

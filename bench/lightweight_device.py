@@ -29,7 +29,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import protocol
 from agent.keystore import build_csr
-from server.ca import CertificateAuthority
+from server.pki.ca import CertificateAuthority
 
 RESPONSE_TIMEOUT_S: Final = 30.0
 MAX_ATTEMPTS: Final = 5

@@ -9,233 +9,29 @@ clients.
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
-import sys
 import threading
 import time
-import urllib.parse
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
-from types import TracebackType
 from typing import Final
 
 import pymongo.monitoring
 
 from agent.birth import Endpoints
 from bench.lightweight_device import DeviceIdentity, DeviceTiming, provision
-from server.broker_config import BrokerLayout, start_local_broker
-from server.ca import CertificateAuthority
-from server.db import Database
-from server.devices import DeviceRepository, utcnow
-from server.local_services import MongoWireServer, MosquittoBroker
-from server.provisioning import ProvisioningService, ServicePolicy
-from server.schema import DEVICES, DeviceStatus
-from server.simulated_fleet import SimulatedBoard
-from server.users import UserRepository
+from bench.stack import BenchStack, Progress, percentile, pss_bytes, rss_bytes
+from harness.simulated_fleet import SimulatedBoard
+from server.service.policy import ServicePolicy
+from server.service.provisioning import ProvisioningService
+from server.store.db import Database
+from server.store.devices import DeviceRepository, utcnow
+from server.store.schema import DEVICES, DeviceStatus
 
 POLL_INTERVAL_S: Final = 0.2
-SERVER_READY_TIMEOUT_S: Final = 20.0
-OFFLINE_TIMEOUT_S: Final = 86_400
-Progress = Callable[[str], None]
-
-
-def pss_bytes(pid: int) -> int:
-    """Proportional set size (shared pages split among their users), 0 if unknown."""
-    try:
-        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    except OSError:
-        return 0
-    for line in rollup.splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a process from /proc (0 once it has gone)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    for line in status.splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def percentile(values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile (no interpolation: the value some device really saw)."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    rank = max(1, round(fraction * len(ordered) + 0.5 - 1e-9))
-    return ordered[min(rank, len(ordered)) - 1]
-
-
-def _with_database(uri: str, name: str) -> str:
-    return urllib.parse.urlunsplit(urllib.parse.urlsplit(uri)._replace(path="/" + name))
-
-
-class BenchStack:
-    """Database (``MONGODB_URI`` or secantusd-py), CA, Mosquitto and server processes."""
-
-    def __init__(self, workdir: Path, progress: Progress) -> None:
-        self.workdir = workdir
-        self.progress = progress
-        self._mongo: MongoWireServer | None = None
-        external = os.environ.get("MONGODB_URI")
-        name = f"bench_{uuid.uuid4().hex[:10]}"
-        if external:
-            self.external_db = True
-            self.mongodb_uri = _with_database(external, name)
-        else:
-            self.external_db = False
-            progress("starting secantusd-py (MongoDB wire server)")
-            self._mongo = MongoWireServer(workdir / "mongo").start()
-            self.mongodb_uri = _with_database(self._mongo.uri, name)
-        self.database = Database(self.mongodb_uri)
-        self.database.init()
-        self.ca = CertificateAuthority.init(workdir / "ca")
-        progress("starting mosquitto with generated TLS config")
-        self.broker: MosquittoBroker
-        self.layout: BrokerLayout
-        self.broker, self.layout = start_local_broker(workdir / "broker", self.ca)
-        self.servers: list[subprocess.Popen[bytes]] = []
-        self._logs: list[Path] = []
-        self._registered = 0
-        self._started = 0
-        self.user_id = str(UserRepository(self.database).add("bench@example.com", "bench")["_id"])
-
-    @property
-    def database_name(self) -> str:
-        return self.database.db.name
-
-    def start_servers(self, count: int) -> float:
-        """``count`` ``provision-server run`` processes, subscribed and idle.
-
-        Returns the seconds they spent on the retained status replay after subscribing.
-        """
-        exe = Path(sys.executable).with_name("provision-server")
-        for _ in range(count):
-            log = self.workdir / f"server-{self._started}.log"
-            self._started += 1
-            argv = [
-                str(exe), "--mongodb-uri", self.mongodb_uri, "run",
-                "--ca-dir", str(self.ca.paths.directory),
-                "--broker-host", "127.0.0.1", "--broker-port", str(self.layout.server_port),
-            ]  # fmt: skip
-            # Light devices disconnect once online (no heartbeats), so the server's
-            # silence sweep (180 s by default) would turn them OFFLINE mid-run.
-            env = os.environ | {
-                "MONGODB_URI": self.mongodb_uri,
-                "PROVISION_SERVER_POLICY_OFFLINE_TIMEOUT_S": str(OFFLINE_TIMEOUT_S),
-            }
-            with log.open("ab") as out:
-                self.servers.append(
-                    subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-                )
-            self._logs.append(log)
-        deadline = time.monotonic() + SERVER_READY_TIMEOUT_S
-        for proc, log in zip(self.servers, self._logs, strict=True):
-            while "event=broker-connect result=ok" not in log.read_text(errors="replace"):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"provision-server did not come up:\n{self.server_logs()}")
-                time.sleep(0.05)
-        return self._wait_until_quiet()
-
-    def _wait_until_quiet(self, quiet_s: float = 1.0, timeout: float = 300.0) -> float:
-        """Seconds until the new servers' logs stop growing.
-
-        On subscribing, every server is sent every retained ``devices/+/status`` message
-        (Mosquitto 2.0.11 does so for shared subscriptions too) and handles each one; a
-        timed run must not start while that replay still occupies them.
-        """
-        started = time.monotonic()
-        time.sleep(0.3)  # the SUBACK follows the CONNACK callback
-        last_size, last_change = -1, time.monotonic()
-        while time.monotonic() - started < timeout:
-            size = sum(log.stat().st_size for log in self._logs)
-            if size != last_size:
-                last_size, last_change = size, time.monotonic()
-            elif time.monotonic() - last_change >= quiet_s:
-                return last_change - started
-            time.sleep(0.1)
-        raise RuntimeError(f"provision-server logs still growing after {timeout:.0f} s")
-
-    def stop_servers(self) -> None:
-        """SIGTERM every server and wait; their logs stay (server-<n>.log) for a look."""
-        for proc in self.servers:
-            proc.terminate()
-        for proc in self.servers:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        self.servers = []
-        self._logs = []
-
-    def server_logs(self, tail: int = 3000) -> str:
-        return "\n".join(log.read_text(errors="replace")[-tail:] for log in self._logs)
-
-    def server_rss(self) -> int:
-        return sum(rss_bytes(proc.pid) for proc in self.servers)
-
-    def next_mac(self) -> str:
-        """A locally administered MAC not used before in this run."""
-        serial, self._registered = self._registered, self._registered + 1
-        return f"02:be:00:{serial >> 16 & 0xFF:02x}:{serial >> 8 & 0xFF:02x}:{serial & 0xFF:02x}"
-
-    def register(self, prefix: str, count: int) -> list[DeviceIdentity]:
-        """Birth identities for ``count`` boards, registered UNALLOCATED, then allocated."""
-        repo = DeviceRepository(self.database)
-        identities: list[DeviceIdentity] = []
-        for index in range(count):
-            client_id = f"{prefix}-{index:05d}"
-            mac = self.next_mac()
-            identity = DeviceIdentity.create(
-                self.ca, self.workdir / "devices" / client_id, client_id, mac
-            )
-            repo.add(mac, client_id)
-            repo.allocate(client_id, self.user_id)
-            identities.append(identity)
-        return identities
-
-    def active_count(self, since: datetime | None = None) -> int:
-        """Devices ACTIVE now (whose last status write was at or after ``since``)."""
-        query: dict[str, object] = {"status": DeviceStatus.ACTIVE.value}
-        if since is not None:
-            query["lastSeenAt"] = {"$gte": since}
-        return self.database.collection(DEVICES).count_documents(query)
-
-    def statuses(self, client_ids: Sequence[str]) -> dict[str, str]:
-        docs = self.database.collection(DEVICES).find(
-            {"clientId": {"$in": list(client_ids)}}, {"clientId": 1, "status": 1}
-        )
-        return {doc["clientId"]: str(doc.get("status")) for doc in docs}
-
-    def close(self) -> None:
-        self.stop_servers()
-        self.broker.stop()
-        if self.external_db:
-            self.database.client.drop_database(self.database_name)
-        self.database.close()
-        if self._mongo is not None:
-            self._mongo.stop()
-
-    def __enter__(self) -> BenchStack:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 @dataclass(frozen=True)

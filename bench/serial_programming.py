@@ -22,14 +22,14 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent import factory_commands as fc
 from agent.birth import Endpoints
-from agent.factory_console import FactoryConsole
+from agent.factory import commands as fc
+from agent.factory.console import FactoryConsole
 from agent.keystore import build_csr
-from server.ca import CertificateAuthority
-from server.db import Database
-from server.local_services import MongoWireServer
+from harness.local_services import MongoWireServer
+from server.pki.ca import CertificateAuthority
 from server.station.programmer import BoardProgrammer, BoardResult
+from server.store.db import Database
 from tests.serial_pty import LineFaults, LineProxy, open_port
 from tests.simulated_board import make_board_files, make_sysfs
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.keystore import build_csr
-from server.ca import CertificateAuthority
-from server.csr_policy import CsrPolicy
+from server.pki.ca import CertificateAuthority
+from server.pki.csr_policy import CsrPolicy
 
 
 @dataclass(frozen=True)

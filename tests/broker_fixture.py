@@ -1,6 +1,6 @@
 """A real Mosquitto per test plus small synchronous MQTT v5 helpers (paho-mqtt, mTLS).
 
-``LocalBroker`` wraps ``server.broker_config.start_local_broker``; ``MqttClient`` connects
+``LocalBroker`` wraps ``harness.local_broker.start_local_broker``; ``MqttClient`` connects
 with a client certificate and turns paho's callbacks into return values (CONNACK, PUBACK
 and SUBACK reason codes), so a test can assert "Not authorized" (135) directly.
 """
@@ -30,10 +30,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from server.broker_config import BrokerLayout, start_local_broker
-from server.ca import CertificateAuthority
-from server.db import Database
-from server.local_services import MosquittoBroker
+from harness.local_broker import start_local_broker
+from harness.local_services import MosquittoBroker
+from server.broker.mosquitto_conf import BrokerLayout
+from server.pki.ca import CertificateAuthority
+from server.store.db import Database
 
 TIMEOUT: Final = 3.0
 NOT_AUTHORIZED: Final = 135

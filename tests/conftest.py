@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from server.ca import CertificateAuthority
-from server.db import Database
-from server.local_services import MongoWireServer
+from harness.local_services import MongoWireServer
+from server.pki.ca import CertificateAuthority
+from server.store.db import Database
 from tests.broker_fixture import LocalBroker
 
 
@@ -64,7 +64,7 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-# --- broker fixtures (server.broker_config): a CA per session, a Mosquitto per test ---------
+# --- broker fixtures (harness.local_broker): a CA per session, a Mosquitto per test ---
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bson
 
-from server.db import Database
+from server.store.db import Database
 
 
 def snapshot(database: Database) -> dict[str, list[bytes]]:

@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.keystore import build_csr
-from server.ca import CertificateAuthority
+from server.pki.ca import CertificateAuthority
 
 
 @dataclass

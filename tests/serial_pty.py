@@ -1,4 +1,4 @@
-"""Serial test helpers: the pty cable lives in ``server.serial_pair`` (the demo uses it too)."""
+"""Serial test helpers: the pty cable lives in ``harness.serial_pair`` (the demo uses it too)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import serial
 
-from server.serial_pair import LineFaults, LineProxy, open_raw_pty
+from harness.serial_pair import LineFaults, LineProxy, open_raw_pty
 
 __all__ = ["LineFaults", "LineProxy", "open_port", "open_raw_pty"]
 

@@ -9,9 +9,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from cryptography import x509
 
-from server.acl_sync import AclSync, parse_serial, read_broker_state
-from server.ca import serial_hex
-from server.schema import CERTIFICATE_REVOCATIONS, DEVICE_ACLS, DEVICE_CERTIFICATES
+from server.broker.acl_sync import AclSync, parse_serial, read_broker_state
+from server.pki.ca import serial_hex
+from server.store.schema import CERTIFICATE_REVOCATIONS, DEVICE_ACLS, DEVICE_CERTIFICATES
 from tests.broker_fixture import ACCEPTED, NOT_AUTHORIZED, LocalBroker, can_connect
 
 WITHIN_S = 5.0

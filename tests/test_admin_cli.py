@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from server.cli import main
-from server.db import Database
+from server.cli.main import main
+from server.store.db import Database
 from tests.dbdump import snapshot
 
 
@@ -147,7 +147,7 @@ def test_web_app_fields_survive_our_writes(
 
 
 def test_unreachable_database_fails_fast_without_leaking_the_password(tmp_path: Path) -> None:
-    from server.local_services import free_port
+    from harness.local_services import free_port
 
     uri = f"mongodb://admin:s3cret-pw@127.0.0.1:{free_port()}/fleet"
     script = Path(sys.executable).with_name("provision-server")

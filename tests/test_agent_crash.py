@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from server.schema import CERTIFICATE_REVOCATIONS
+from server.store.schema import CERTIFICATE_REVOCATIONS
 from tests.test_agent_provisioning import (
     REPO,
     AgentProcess,

@@ -28,14 +28,15 @@ from agent.__main__ import parse_run
 from agent.birth import Endpoints, keys_dir
 from agent.runner import certs_dir
 from agent.storage import CertificateStore
-from server.acl_sync import AclSync
-from server.ca import CLOCK_SKEW, CertificateAuthority
-from server.certificates import CertificateRecords
-from server.db import Database, Document
-from server.devices import DeviceRepository
-from server.mqtt_service import BrokerEndpoint, ProvisioningServer
-from server.provisioning import ProvisioningService, ServicePolicy
-from server.schema import (
+from server.broker.acl_sync import AclSync
+from server.pki.ca import CLOCK_SKEW, CertificateAuthority
+from server.service.mqtt_transport import BrokerEndpoint, ProvisioningServer
+from server.service.policy import ServicePolicy
+from server.service.provisioning import ProvisioningService
+from server.store.certificates import CertificateRecords
+from server.store.db import Database, Document
+from server.store.devices import DeviceRepository
+from server.store.schema import (
     CERTIFICATE_REVOCATIONS,
     DEVICE_CERTIFICATES,
     DEVICES,

@@ -34,7 +34,7 @@ from agent.provisioning import Provisioner
 from agent.runner import certs_dir
 from agent.state import AgentState, StateRecord, StateStore
 from agent.storage import CertificateStore
-from server.ca import CertificateAuthority
+from server.pki.ca import CertificateAuthority
 from tests.simulated_board import make_sysfs
 
 MAC = "02:00:00:AB:CD:EF"

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from agent import protocol
-from server.broker_layout_file import load_layout
-from server.ca import CertificateAuthority
-from server.db import Database
-from server.local_services import MosquittoBroker, free_port
+from harness.local_services import MosquittoBroker, free_port
+from server.broker.layout_file import load_layout
+from server.pki.ca import CertificateAuthority
+from server.store.db import Database
 from tests.mqtt_device import write_identity
 from tests.test_server_mqtt import allocated_device, birth_session, status_of, wait_for
 

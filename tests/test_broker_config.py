@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from server.broker_config import (
+from server.broker.mosquitto_conf import (
     BrokerError,
     BrokerLayout,
     InvalidRule,
@@ -21,8 +21,8 @@ from server.broker_config import (
     validate_rule,
     write_broker_files,
 )
-from server.ca import CertificateAuthority
-from server.schema import DEVICE_ACLS
+from server.pki.ca import CertificateAuthority
+from server.store.schema import DEVICE_ACLS
 from tests.broker_fixture import (
     ACCEPTED,
     NOT_AUTHORIZED,
@@ -349,7 +349,7 @@ def _insert_acl(broker: LocalBroker, doc: dict[str, Any]) -> None:
 
 def _reload_and_wait(broker: LocalBroker, check: Any, timeout: float = 5.0) -> None:
     """SIGHUP and retry ``check`` until it passes: Mosquitto applies a reload asynchronously."""
-    from server.acl_sync import read_broker_state
+    from server.broker.acl_sync import read_broker_state
 
     assert broker.database is not None
     state = read_broker_state(broker.database)

@@ -23,14 +23,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from agent.protocol import mac_uri
-from server.ca import (
+from server.errors import CaError
+from server.pki.ca import (
     SERVER_CLIENT_CN,
     CaPaths,
     CertificateAuthority,
     fingerprint_sha256,
     serial_hex,
 )
-from server.errors import CaError
 
 MAC = "02:00:5E:10:00:01"
 PASSPHRASE = b"correct horse battery staple"

@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import AttributeOID, ExtendedKeyUsageOID, NameOID
 
 from agent.protocol import mac_uri
-from server.ca import SERVER_CLIENT_CN
-from server.csr_policy import CsrPolicy
 from server.errors import CsrInvalid
+from server.pki.ca import SERVER_CLIENT_CN
+from server.pki.csr_policy import CsrPolicy
 
 CLIENT_ID = "dev-0001"
 MAC = "02:00:5E:10:00:01"

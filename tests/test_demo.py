@@ -30,7 +30,7 @@ def test_demo_provisions_the_fleet_and_a_second_run_works(tmp_path: Path) -> Non
     env = {k: v for k, v in os.environ.items() if k != "MONGODB_URI"}
     for run in range(2):
         proc = subprocess.run(
-            [sys.executable, "-m", "server.demo", "--workdir", str(tmp_path / "demo"),
+            [sys.executable, "-m", "harness.demo", "--workdir", str(tmp_path / "demo"),
              "--no-keep-running"],
             capture_output=True, text=True, timeout=240, env=env,
         )  # fmt: skip
@@ -49,7 +49,7 @@ def test_ctrl_c_stops_everything_it_started(tmp_path: Path, interrupt_at: str) -
     env = {k: v for k, v in os.environ.items() if k != "MONGODB_URI"}
     workdir = tmp_path / "demo"
     with subprocess.Popen(
-        [sys.executable, "-m", "server.demo", "--workdir", str(workdir), "--keep-running"],
+        [sys.executable, "-m", "harness.demo", "--workdir", str(workdir), "--keep-running"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
     ) as proc:  # fmt: skip

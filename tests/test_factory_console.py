@@ -12,14 +12,14 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from agent import factory_commands as fc
 from agent.birth import BirthIdentity, Endpoints
 from agent.cli import reset_state
-from agent.factory_commands import BoardLocked, CertificateMismatch, Command, IdentityState
-from agent.factory_console import FactoryConsole
+from agent.factory import commands as fc
+from agent.factory.commands import BoardLocked, CertificateMismatch, Command, IdentityState
+from agent.factory.console import FactoryConsole
+from agent.factory.link import RemoteError, SerialLink
 from agent.protocol import ErrorCode
-from agent.serial_link import RemoteError, SerialLink
-from server.ca import CertificateAuthority
+from server.pki.ca import CertificateAuthority
 from tests.serial_pty import LineProxy, open_port
 from tests.simulated_board import make_board_files, make_sysfs
 

@@ -21,20 +21,21 @@ from bson import ObjectId
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from agent import factory_commands as fc
 from agent.birth import BirthIdentity, Endpoints
+from agent.factory import commands as fc
 from agent.runner import certs_dir
 from agent.storage import CertificateStore
-from server.acl_sync import AclSync
-from server.ca import CertificateAuthority, serial_hex
-from server.db import Database
-from server.mqtt_service import BrokerEndpoint, ProvisioningServer
-from server.provisioning import ProvisioningService, ServicePolicy
-from server.schema import DEVICE_CERTIFICATES, DEVICES
-from server.serial_pair import LineProxy
+from harness.serial_pair import LineProxy
+from server.broker.acl_sync import AclSync
+from server.pki.ca import CertificateAuthority, serial_hex
+from server.service.mqtt_transport import BrokerEndpoint, ProvisioningServer
+from server.service.policy import ServicePolicy
+from server.service.provisioning import ProvisioningService
 from server.station.config import StationConfig
 from server.station.programmer import BoardProgrammer
-from server.users import UserRepository
+from server.store.db import Database
+from server.store.schema import DEVICE_CERTIFICATES, DEVICES
+from server.store.users import UserRepository
 from tests.broker_fixture import LocalBroker
 from tests.test_agent_provisioning import wait_for
 from tests.test_factory_console import make_board

@@ -18,13 +18,14 @@ from agent import protocol
 from agent.keystore import build_csr
 from agent.protocol import ErrorCode, ProtocolError
 from bench.churn import churn
-from bench.hostile import Services, memory_growth_mb, run_messages
-from bench.hostile_inputs import der_pem
+from bench.hostile import Services, run_messages
+from bench.hostile_mqtt import memory_growth_mb
+from bench.hostile_pki import der_pem
 from bench.hostile_serial import run_frames
-from server.ca import CertificateAuthority
-from server.csr_policy import CsrPolicy
-from server.db import Database
 from server.errors import CsrInvalid
+from server.pki.ca import CertificateAuthority
+from server.pki.csr_policy import CsrPolicy
+from server.store.db import Database
 from tests.broker_fixture import LocalBroker
 
 SEED = int(os.environ.get("HOSTILE_SEED", random.SystemRandom().randrange(2**32)))

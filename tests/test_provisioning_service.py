@@ -16,11 +16,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from server.ca import CertificateAuthority
-from server.db import Database
-from server.devices import DeviceRepository
-from server.provisioning import ProvisioningService, ServicePolicy
-from server.schema import DEVICE_ACLS, DEVICE_CERTIFICATES, DEVICES, USERS
+from server.pki.ca import CertificateAuthority
+from server.service.policy import ServicePolicy
+from server.service.provisioning import ProvisioningService
+from server.store.db import Database
+from server.store.devices import DeviceRepository
+from server.store.schema import DEVICE_ACLS, DEVICE_CERTIFICATES, DEVICES, USERS
 from tests.dbdump import snapshot
 from tests.device_kit import DeviceKit
 
@@ -391,7 +392,7 @@ def test_token_requests_in_a_loop_are_rate_limited_without_database_writes(
 def test_batched_status_writes_apply_latest_per_device_and_respect_the_state_guard(
     database: Database, service_ca: CertificateAuthority, user_id: ObjectId
 ) -> None:
-    from server.status_writer import StatusBatcher
+    from server.store.status_writer import StatusBatcher
 
     writer = StatusBatcher(database, max_batch=7)  # 21 changes: three bulk writes
     batched = ProvisioningService(

@@ -9,11 +9,11 @@ import pymongo.errors
 import pytest
 from bson import ObjectId
 
-from server.db import Database
-from server.devices import DeviceRepository, utcnow
 from server.errors import DeviceConflict, UnknownDevice, WrongState
-from server.schema import DEVICE_FIELDS, DEVICES, INDEXES, USERS, WEB_APP_COLLECTIONS
-from server.users import UserRepository
+from server.store.db import Database
+from server.store.devices import DeviceRepository, utcnow
+from server.store.schema import DEVICE_FIELDS, DEVICES, INDEXES, USERS, WEB_APP_COLLECTIONS
+from server.store.users import UserRepository
 from tests.dbdump import snapshot
 
 
@@ -96,7 +96,7 @@ def test_documents_written_the_web_app_way_are_handled(database: Database) -> No
     doc = repo.find("aa:bb:cc:dd:ee:04")
     assert doc["clientId"] == "device-001" and doc["status"] == "ALLOCATED"
     # Our transition keeps the web app's extra field untouched.
-    from server.schema import DeviceStatus
+    from server.store.schema import DeviceStatus
 
     repo.transition("device-001", expected={DeviceStatus.ALLOCATED}, new=DeviceStatus.PROVISIONING)
     raw = database.collection(DEVICES).find_one({"clientId": "device-001"})
@@ -117,7 +117,7 @@ def test_unique_indexes_are_enforced(database: Database) -> None:
 
 
 def test_transition_reports_the_actual_status_and_changes_nothing(database: Database) -> None:
-    from server.schema import DeviceStatus
+    from server.store.schema import DeviceStatus
 
     repo = DeviceRepository(database)
     repo.add("AA:BB:CC:DD:EE:07", "board-7")

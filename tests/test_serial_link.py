@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 
 from agent.errors import SerialProtocolError
-from agent.protocol import ErrorCode, ProtocolError
-from agent.serial_frames import (
+from agent.factory.frames import (
     END,
     ESC,
     FLAG_RESEND,
@@ -28,13 +27,14 @@ from agent.serial_frames import (
     encode_frame,
     split_object,
 )
-from agent.serial_link import (
+from agent.factory.link import (
     LinkCorrupted,
     LinkTimeout,
     LinkVersionMismatch,
     RemoteError,
     SerialLink,
 )
+from agent.protocol import ErrorCode, ProtocolError
 from tests.serial_pty import LineFaults, LineProxy, open_port
 
 ECHO, BIG, FAIL, CRASH, SLOW = 1, 2, 3, 4, 5

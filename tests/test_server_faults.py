@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from bson import ObjectId
 
-from server.ca import CertificateAuthority
+from harness.local_services import MongoWireServer
 from server.config import load_server_config
-from server.db import Database
-from server.devices import DeviceRepository
 from server.errors import ConfigError
-from server.local_services import MongoWireServer
-from server.provisioning import ProvisioningService
-from server.schema import DEVICES, USERS
+from server.pki.ca import CertificateAuthority
+from server.service.provisioning import ProvisioningService
+from server.store.db import Database
+from server.store.devices import DeviceRepository
+from server.store.schema import DEVICES, USERS
 from tests.device_kit import DeviceKit
 
 

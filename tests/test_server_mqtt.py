@@ -14,15 +14,17 @@ import pytest
 from bson import ObjectId
 
 from agent import protocol
-from server.broker_config import BrokerLayout, reload_broker, start_local_broker, write_broker_files
-from server.ca import CertificateAuthority
-from server.certificates import CertificateRecords
-from server.db import Database
-from server.devices import DeviceRepository
-from server.local_services import MosquittoBroker
-from server.mqtt_service import BrokerEndpoint, ProvisioningServer
-from server.provisioning import ProvisioningService, ServicePolicy
-from server.schema import DEVICE_CERTIFICATES, DEVICES, USERS
+from harness.local_broker import start_local_broker
+from harness.local_services import MosquittoBroker
+from server.broker.mosquitto_conf import BrokerLayout, reload_broker, write_broker_files
+from server.pki.ca import CertificateAuthority
+from server.service.mqtt_transport import BrokerEndpoint, ProvisioningServer
+from server.service.policy import ServicePolicy
+from server.service.provisioning import ProvisioningService
+from server.store.certificates import CertificateRecords
+from server.store.db import Database
+from server.store.devices import DeviceRepository
+from server.store.schema import DEVICE_CERTIFICATES, DEVICES, USERS
 from tests.device_kit import DeviceKit
 from tests.mqtt_device import MqttDevice, write_identity
 

@@ -17,15 +17,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from agent import factory_commands as fc
 from agent.birth import BirthIdentity, Endpoints
-from server.ca import CertificateAuthority
-from server.db import Database
-from server.devices import DeviceRepository
-from server.schema import DEVICES
+from agent.factory import commands as fc
+from server.pki.ca import CertificateAuthority
 from server.station.cli import main as station_main
 from server.station.config import StationConfig, load_station_config, write_station_config
 from server.station.programmer import BoardProgrammer, BoardResult, Step, StepHook
+from server.store.db import Database
+from server.store.devices import DeviceRepository
+from server.store.schema import DEVICES
 from tests.serial_pty import LineFaults, LineProxy, open_port
 from tests.test_factory_console import BoardFiles, make_board
 

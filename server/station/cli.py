@@ -17,10 +17,9 @@ from pathlib import Path
 
 import click
 
-from agent import factory_commands as fc
-from server.ca import CertificateAuthority
-from server.db import Database
+from agent.factory import commands as fc
 from server.errors import ServerError
+from server.pki.ca import CertificateAuthority
 from server.station.batch import (
     DEFAULT_WATCH_GLOBS,
     PortWatcher,
@@ -32,6 +31,7 @@ from server.station.batch import (
 )
 from server.station.config import StationConfig, load_station_config
 from server.station.programmer import BoardProgrammer, BoardResult, StepHook
+from server.store.db import Database
 
 EXIT_OK, EXIT_BOARD_FAILED, EXIT_STATION = 0, 1, 2
 

@@ -23,16 +23,16 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import NameOID
 
-from agent import factory_commands as fc
 from agent.errors import AgentError
-from agent.factory_commands import Command, IdentityState
+from agent.factory import commands as fc
+from agent.factory.commands import Command, IdentityState
+from agent.factory.link import SerialLink
 from agent.protocol import ErrorCode, mac_uri, normalise_mac
-from agent.serial_link import SerialLink
-from server.ca import CertificateAuthority, serial_hex
-from server.csr_policy import CsrPolicy
-from server.db import Database, Document
-from server.devices import DeviceRepository
 from server.errors import DeviceConflict, ServerError
+from server.pki.ca import CertificateAuthority, serial_hex
+from server.pki.csr_policy import CsrPolicy
+from server.store.db import Database, Document
+from server.store.devices import DeviceRepository
 
 
 class Step(str, Enum):

@@ -1,0 +1,164 @@
+"""``provision-server ca`` and ``provision-server broker-config``: CA material and broker files.
+
+Registered on ``main`` by server/cli/main.py (``main.add_command``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from server.cli.output import to_json
+from server.cli.state import CliState, ServerGroup, pass_state
+from server.config import read_passphrase
+
+# --- ca --------------------------------------------------------------------
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+passphrase_option = click.option(
+    "--passphrase-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="File holding the passphrase of the CA keys (ca init: encrypt them with it).",
+)
+
+
+def ca_dir_option(name: str, help_text: str) -> Callable[[F], F]:
+    return click.option(name, "ca_dir", type=click.Path(path_type=Path), required=True,
+                        help=help_text)  # fmt: skip
+
+
+@click.group(cls=ServerGroup)
+def ca() -> None:
+    """Certificate authorities (root, device CA, factory CA)."""
+
+
+@ca.command("init")
+@ca_dir_option("--dir", "Directory for the CA material (created 0700).")
+@passphrase_option
+@click.option(
+    "--server-name",
+    "server_names",
+    multiple=True,
+    default=("localhost",),
+    show_default=True,
+    help="DNS name of the broker (repeatable).",
+)
+def ca_init(ca_dir: Path, passphrase_file: Path | None, server_names: tuple[str, ...]) -> None:
+    """Create the CAs and the broker/server identities; never overwrites."""
+    from server.pki.ca import CertificateAuthority
+
+    CertificateAuthority.init(
+        ca_dir, passphrase=read_passphrase(passphrase_file), server_names=server_names
+    )
+    click.echo(f"CA material written to {ca_dir}")
+
+
+@ca.command("show")
+@ca_dir_option("--dir", "CA directory.")
+@passphrase_option
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def ca_show(ca_dir: Path, passphrase_file: Path | None, as_json: bool) -> None:
+    """Show subject, serial, validity and fingerprint of each CA certificate."""
+    from server.pki.ca import CertificateAuthority
+
+    described = CertificateAuthority.load(ca_dir, read_passphrase(passphrase_file)).describe()
+    if as_json:
+        click.echo(to_json(described))
+        return
+    for entry in described:
+        for key, value in entry.items():
+            click.echo(f"{key:12} {value}")
+        click.echo()
+
+
+# --- broker ------------------------------------------------------------------
+
+
+@click.command("broker-config")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="Directory for mosquitto.conf, ACL files and the CRL.",
+)
+@ca_dir_option("--ca-dir", "CA directory (the CRL is signed with the device CA key).")
+@passphrase_option
+@click.option(
+    "--provisioning-port",
+    type=click.IntRange(1, 65535),
+    default=8883,
+    show_default=True,
+    help="Listener for birth certificates.",
+)
+@click.option(
+    "--operational-port",
+    type=click.IntRange(1, 65535),
+    default=8884,
+    show_default=True,
+    help="Listener for operational certificates (with CRL).",
+)
+@click.option(
+    "--server-port",
+    type=click.IntRange(1, 65535),
+    default=8885,
+    show_default=True,
+    help="Loopback listener for the server's own identity.",
+)
+@click.option(
+    "--bind",
+    default="0.0.0.0",  # noqa: S104 (devices connect from the network)
+    show_default=True,
+    help="Address of the two device listeners.",
+)
+@click.option("--run-as", default=None, help="Mosquitto's `user` option.")
+@pass_state
+def broker_config(
+    state: CliState,
+    out_dir: Path,
+    ca_dir: Path,
+    passphrase_file: Path | None,
+    provisioning_port: int,
+    operational_port: int,
+    server_port: int,
+    bind: str,
+    run_as: str | None,
+) -> None:
+    """Write a working Mosquitto config with ACLs and CRL from the database.
+
+    Start Mosquitto with `mosquitto -c OUT/mosquitto.conf`; `provision-server run
+    --broker-config-dir OUT` then keeps the ACL and CRL in sync (SIGHUP, no restart).
+    """
+    from server.broker.acl_sync import read_broker_state
+    from server.broker.layout_file import save_layout
+    from server.broker.mosquitto_conf import BrokerLayout, write_broker_files
+    from server.pki.ca import CertificateAuthority
+
+    ca = CertificateAuthority.load(ca_dir, read_passphrase(passphrase_file))
+    layout = BrokerLayout(
+        directory=out_dir.resolve(),
+        ca=ca.paths,
+        provisioning_port=provisioning_port,
+        operational_port=operational_port,
+        server_port=server_port,
+        device_bind=bind,
+        run_as=run_as,
+    )
+    broker_state = read_broker_state(state.database)
+    write_broker_files(
+        layout,
+        broker_state.acl_docs,
+        broker_state.revoked_device_ids,
+        broker_state.crl_pem(ca),
+        ca.build_crl([], issuer="factory"),
+    )
+    save_layout(layout)
+    click.echo(
+        f"wrote {layout.conf_path} (listeners: provisioning {provisioning_port}, "
+        f"operational {operational_port}, server 127.0.0.1:{server_port})"
+    )

@@ -1,0 +1,40 @@
+"""What every ``provision-server`` command shares: the group class and the lazy database."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+
+from server.errors import ServerError
+from server.store.db import Database
+
+
+class ServerGroup(click.Group):
+    """Turns every ServerError into click's one-line error with exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ServerError as exc:
+            raise click.ClickException(exc.message) from None
+
+
+@dataclass
+class CliState:
+    mongodb_uri: str
+    _database: Database | None = field(default=None, repr=False)
+
+    @property
+    def database(self) -> Database:
+        if self._database is None:
+            self._database = Database(self.mongodb_uri)
+        return self._database
+
+    def close(self) -> None:
+        if self._database is not None:
+            self._database.close()
+
+
+pass_state = click.make_pass_decorator(CliState)
