@@ -21,6 +21,9 @@ from server.store.schema import DeviceTier
 log = logging.getLogger("server.broker.mosquitto_conf")
 
 MAX_TOPIC_BYTES: Final = 256
+FLEET_PREFIX: Final = "fleet"
+"""Server broadcasts: devices of tier '3' (or with a subscribe rule) read them, none writes."""
+TIERS: Final = frozenset(tier.value for tier in DeviceTier)
 MAX_RULES_PER_DEVICE: Final = 64
 RULE_ACTIONS: Final = {"publish": "write", "subscribe": "read", "both": "readwrite"}
 """``device_acls.rules[].action`` -> Mosquitto access keyword."""
@@ -51,7 +54,7 @@ def _tier_topics(client_id: str, tier: DeviceTier) -> list[tuple[str, str]]:
     if tier in (DeviceTier.TIER_2, DeviceTier.TIER_3):
         topics.append(("readwrite", f"{DEVICES_PREFIX}/{client_id}/#"))
     if tier is DeviceTier.TIER_3:
-        topics.append(("read", "fleet/#"))
+        topics.append(("read", f"{FLEET_PREFIX}/#"))
     return topics
 
 
@@ -112,17 +115,21 @@ def validate_rule(rule: object, client_id: str) -> AclRule:
     levels = topic.split("/")
     if levels[0] in ("+", "#", PROVISIONING_PREFIX):
         raise InvalidRule("an allow rule may not reach the provisioning namespace")
+    if levels[0] == FLEET_PREFIX and RULE_ACTIONS[action.lower()] != "read":
+        raise InvalidRule(f"{FLEET_PREFIX}/ is read-only for devices (subscribe rules only)")
     if levels[0] == DEVICES_PREFIX and (len(levels) < 2 or levels[1] != client_id):
         raise InvalidRule(f"an allow rule under {DEVICES_PREFIX}/ must stay in the device's own")
     return AclRule(RULE_ACTIONS[action.lower()], topic)
 
 
 def _tier(value: object, client_id: str) -> DeviceTier:
-    try:
-        return DeviceTier(str(value)) if value is not None else DeviceTier.TIER_1
-    except ValueError:
-        log.warning("event=acl_bad_tier device_id=%s tier=%r using=1", client_id, value)
+    """The schema's tier strings only: anything else (an integer ``2`` too) is tier '1'."""
+    if value is None:
         return DeviceTier.TIER_1
+    if isinstance(value, str) and value in TIERS:
+        return DeviceTier(value)
+    log.warning("event=acl_bad_tier device_id=%s tier=%r using=1", client_id, value)
+    return DeviceTier.TIER_1
 
 
 def _device_block(doc: Mapping[str, Any], client_id: str) -> list[str]:
