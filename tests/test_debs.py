@@ -1,0 +1,260 @@
+"""The Debian packages of scripts/build-debs.sh: what they contain, with which modes, lintian.
+
+CI builds the packages before pytest (scripts/test.sh); here the module fixture uses
+``dist/`` as it is when its Python files match this checkout, and rebuilds it
+otherwise, so a test never passes on packages of other code.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
+
+from server.config import load_server_config
+
+ROOT = Path(__file__).resolve().parent.parent
+DIST = ROOT / "dist"
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+PY = "python3.11"
+NOT_SHIPPED = ("server", "harness", "tests", "bench")
+
+
+def deb_arch() -> str:
+    return subprocess.run(
+        ["dpkg", "--print-architecture"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+@dataclass(frozen=True)
+class Deb:
+    path: Path
+    members: dict[str, tarfile.TarInfo]
+    data: dict[str, bytes]
+    control: dict[str, bytes]
+
+    @classmethod
+    def read(cls, path: Path) -> Deb:
+        members: dict[str, tarfile.TarInfo] = {}
+        data: dict[str, bytes] = {}
+        fsys = subprocess.run(["dpkg-deb", "--fsys-tarfile", path], capture_output=True, check=True)
+        with tarfile.open(fileobj=io.BytesIO(fsys.stdout)) as tar:
+            for info in tar:
+                name = "/" + info.name.removeprefix("./").rstrip("/")
+                members[name] = info
+                if info.isfile():
+                    extracted = tar.extractfile(info)
+                    assert extracted is not None
+                    data[name] = extracted.read()
+        ctrl = subprocess.run(["dpkg-deb", "--ctrl-tarfile", path], capture_output=True, check=True)
+        control: dict[str, bytes] = {}
+        with tarfile.open(fileobj=io.BytesIO(ctrl.stdout)) as tar:
+            for info in tar:
+                extracted = tar.extractfile(info) if info.isfile() else None
+                if extracted is not None:
+                    control[info.name.removeprefix("./")] = extracted.read()
+        return cls(path, members, data, control)
+
+    def field(self, name: str) -> str:
+        for line in self.control["control"].decode().splitlines():
+            if line.startswith(f"{name}:"):
+                return line.split(":", 1)[1].strip()
+        raise AssertionError(f"{self.path.name}: no {name} field")
+
+    def site(self, package: str) -> str:
+        return f"/usr/lib/{package}/lib/{PY}/site-packages"
+
+
+def repo_python_files(*packages: str) -> dict[str, bytes]:
+    listed = subprocess.run(
+        ["git", "ls-files", "--", *packages], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    return {name: (ROOT / name).read_bytes() for name in listed if name.endswith(".py")}
+
+
+def debs_match_checkout(agent: Path, server: Path) -> bool:
+    if not (agent.exists() and server.exists()):
+        return False
+    for path, prefix, packages in (
+        (agent, "provision-agent", ("agent",)),
+        (server, "provision-server", ("agent", "server")),
+    ):
+        deb = Deb.read(path)
+        site = deb.site(prefix)
+        shipped = {
+            name.removeprefix(site + "/"): body
+            for name, body in deb.data.items()
+            if name.startswith(site + "/") and name.split("/")[-1].endswith(".py")
+            and name.removeprefix(site + "/").split("/")[0] in packages
+        }  # fmt: skip
+        if shipped != repo_python_files(*packages):
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class Debs:
+    agent: Deb
+    server: Deb
+
+
+@pytest.fixture(scope="module")
+def debs() -> Iterator[Debs]:
+    arch = deb_arch()
+    agent = DIST / f"provision-agent_{VERSION}_{arch}.deb"
+    server = DIST / f"provision-server_{VERSION}_{arch}.deb"
+    if not debs_match_checkout(agent, server):
+        # Built without lintian here; test_lintian_is_clean runs it on the result.
+        subprocess.run(["bash", "scripts/build-debs.sh", "--no-lintian"], cwd=ROOT, check=True)
+    yield Debs(Deb.read(agent), Deb.read(server))
+
+
+def test_agent_deb_ships_the_agent_and_nothing_of_server_harness_tests(debs: Debs) -> None:
+    deb = debs.agent
+    site = deb.site("provision-agent")
+    for name in NOT_SHIPPED:
+        assert f"{site}/{name}" not in deb.members, name
+    shipped = {
+        name.removeprefix(site + "/"): body
+        for name, body in deb.data.items()
+        if name.startswith(f"{site}/agent/")
+    }
+    assert shipped == repo_python_files("agent")
+    assert f"{site}/agent/factory/console.py" in deb.members
+    # The bundled runtime: paho-mqtt 2 and cryptography, not Debian's older ones; no pymongo.
+    for module in ("paho/mqtt/client.py", "cryptography/__init__.py", "serial/__init__.py",
+                   "click/__init__.py", "platformdirs/__init__.py"):  # fmt: skip
+        assert f"{site}/{module}" in deb.members, module
+    assert not any(name.startswith(f"{site}/pymongo") for name in deb.members)
+    assert not any("__pycache__" in name or name.endswith(".pyc") for name in deb.members)
+
+
+def test_server_deb_ships_agent_and_server_but_no_harness(debs: Debs) -> None:
+    deb = debs.server
+    site = deb.site("provision-server")
+    shipped = {
+        name.removeprefix(site + "/"): body
+        for name, body in deb.data.items()
+        if name.startswith((f"{site}/agent/", f"{site}/server/"))
+    }
+    assert shipped == repo_python_files("agent", "server")
+    for name in ("harness", "tests", "bench"):
+        assert f"{site}/{name}" not in deb.members, name
+    assert f"{site}/pymongo/__init__.py" in deb.members
+    assert "mosquitto" in deb.field("Depends")
+
+
+def test_units_and_system_user_files(debs: Debs) -> None:
+    for deb, units in (
+        (debs.agent, ("provision-agent.service", "provision-factory-console.service")),
+        (debs.server, ("provision-server.service",)),
+    ):
+        for unit in units:
+            shipped = deb.data[f"/lib/systemd/system/{unit}"]
+            assert shipped == (ROOT / "systemd" / unit).read_bytes(), unit
+    sysusers = debs.agent.data["/usr/lib/sysusers.d/provision-agent.conf"].decode()
+    assert "u provision-agent " in sysusers
+    tmpfiles = debs.agent.data["/usr/lib/tmpfiles.d/provision-agent.conf"].decode()
+    assert "d /etc/provision-agent 0700 provision-agent provision-agent" in tmpfiles
+    sysusers = debs.server.data["/usr/lib/sysusers.d/provision-server.conf"].decode()
+    assert "u provision-server " in sysusers
+    postinst = debs.agent.control["postinst"].decode()
+    assert "systemd-sysusers provision-agent.conf" in postinst
+    assert "install -d -o provision-agent -g provision-agent -m 0700 /etc/provision-agent" in (
+        postinst
+    )
+
+
+def test_file_owners_and_modes(debs: Debs) -> None:
+    for deb in (debs.agent, debs.server):
+        for name, info in deb.members.items():
+            assert (info.uname, info.gname, info.uid, info.gid) == ("root", "root", 0, 0), name
+            mode = stat.S_IMODE(info.mode)
+            if info.isdir():
+                assert mode == 0o755, (name, oct(mode))
+            elif info.issym():
+                continue
+            elif name.startswith("/usr/bin/"):
+                assert mode == 0o755, (name, oct(mode))
+            else:
+                assert mode == 0o644, (name, oct(mode))
+        for script in ("postinst", "prerm", "postrm"):
+            assert script in deb.control, script
+    assert debs.agent.members["/usr/lib/provision-agent/bin/python3"].linkname == (
+        "../../../bin/python3"
+    )
+
+
+def test_server_default_config_loads_and_is_a_conffile(debs: Debs, tmp_path: Path) -> None:
+    path = "/etc/provision-server/server.toml"
+    assert debs.server.control["conffiles"].decode().split() == [path]
+    config_file = tmp_path / "server.toml"
+    config_file.write_bytes(debs.server.data[path])
+    config = load_server_config(config_file, env={})
+    assert config.ca_dir == Path("/var/lib/provision-server/ca")
+    assert config.broker_config_dir == Path("/var/lib/provision-server/mosquitto")
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/usr/bin/python3.11"), reason="needs Debian 12's /usr/bin/python3.11"
+)
+def test_agent_runs_from_its_private_environment_alone(debs: Debs, tmp_path: Path) -> None:
+    """The bundle alone: the package's venv over Debian's python3, no repo, no server."""
+    subprocess.run(["dpkg-deb", "-x", debs.agent.path, tmp_path], check=True)
+    (tmp_path / "usr/bin/python3").symlink_to("/usr/bin/python3.11")
+    wrapper = (tmp_path / "usr/bin/provision-agent").read_text()
+    wrapper = wrapper.replace("/usr/lib/provision-agent", str(tmp_path / "usr/lib/provision-agent"))
+    (tmp_path / "provision-agent").write_text(wrapper)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    result = subprocess.run(
+        ["sh", str(tmp_path / "provision-agent"), "--help"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Usage: provision-agent" in result.stdout
+    probe = (
+        "import sys, agent.cli, agent.runner, agent.factory.console, cryptography, paho.mqtt;"
+        "print(cryptography.__version__);"
+        "print(any(m.split('.')[0] in ('server', 'harness') for m in sys.modules))"
+    )
+    python = tmp_path / "usr/lib/provision-agent/bin/python3"
+    result = subprocess.run(
+        [str(python), "-P", "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    version, imported_server = result.stdout.split()
+    assert int(version.split(".")[0]) >= 42
+    assert imported_server == "False"
+
+
+def test_lintian_is_clean(debs: Debs) -> None:
+    """Errors and warnings fail; each override is explained in packaging/deb/*/lintian-overrides."""
+    lintian = shutil.which("lintian")
+    assert lintian, "lintian is missing: scripts/build-debs.sh installs it"
+    result = subprocess.run(
+        [lintian, "--fail-on", "error,warning", str(debs.agent.path), str(debs.server.path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    for package in ("provision-agent", "provision-server"):
+        overrides = (ROOT / "packaging/deb" / package / "lintian-overrides").read_text()
+        # Blocks separated by blank lines: every block of overrides opens with its reason.
+        for block in overrides.split("\n\n"):
+            lines = block.strip().splitlines()
+            if any(not line.startswith("#") for line in lines):
+                assert lines[0].startswith("#"), f"{package}: override without a reason: {block}"
