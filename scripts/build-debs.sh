@@ -83,7 +83,16 @@ wheels="$cache/wheels/cp311-$arch"
 if [ ! -x "$tool_venv/bin/pip" ]; then
     python3 -m venv "$tool_venv"
 fi
-pip=("$tool_venv/bin/pip" --disable-pip-version-check -q)
+# Only the cache and the registry: no find-links of this machine (PIP_FIND_LINKS).
+pip=(env -u PIP_FIND_LINKS "$tool_venv/bin/pip" --disable-pip-version-check -q)
+run_pip() {  # pip without the noise of index locations that this machine's pip.conf lists
+    local log status=0
+    log=$(mktemp)
+    "${pip[@]}" "$@" 2>"$log" || status=$?
+    grep -v '^WARNING: Location' "$log" >&2 || true
+    rm -f "$log"
+    return "$status"
+}
 platform_args=(--only-binary=:all: --python-version "$PY_VERSION" --implementation cp
                --abi cp311 --abi abi3 --abi none)
 for p in "${wheel_platforms[@]}"; do platform_args+=(--platform "$p"); done
@@ -94,7 +103,7 @@ pins_key=$(cat packaging/requirements-agent.txt packaging/requirements-server.tx
 if [ ! -e "$wheels/.complete-$pins_key" ]; then
     echo "build-debs: downloading wheels for $arch into $wheels"
     mkdir -p "$wheels"
-    "${pip[@]}" download --dest "$wheels" --no-deps "${platform_args[@]}" \
+    run_pip download --dest "$wheels" --no-deps "${platform_args[@]}" \
         -r packaging/requirements-server.txt
     touch "$wheels/.complete-$pins_key"
 fi
@@ -112,7 +121,7 @@ make_private_env() {  # <package root> <prefix, e.g. /usr/lib/provision-agent> <
     printf 'home = /usr/bin\ninclude-system-site-packages = false\nversion = %s\n' \
         "$PY_VERSION" > "$env/pyvenv.cfg"
     ln -s ../../../bin/python3 "$env/bin/python3"
-    "${pip[@]}" install --no-index --find-links "$wheels" --no-deps --no-compile \
+    run_pip install --no-index --find-links "$wheels" --no-deps --no-compile \
         --target "$site" "${platform_args[@]}" -r "$requirements"
     rm -rf "$site/bin"   # console scripts of the wheels (pyserial's miniterm...)
     # As dh_strip and dh_python3 would: no debug symbols in the extension modules,
