@@ -15,6 +15,10 @@ Keys (all optional; section.key):
     policy.offline_timeout_s     180  (an ACTIVE device silent this long becomes OFFLINE)
     policy.status_write_interval_s     30  (heartbeat writes per device, at most)
     service.workers              4
+    metrics.port                 none (no metrics); `run --metrics-port` serves Prometheus
+                                 metrics on http://<metrics.host>:<port>/metrics
+    metrics.host                 127.0.0.1 (loopback: put a reverse proxy or the scraper
+                                 on the same host before exposing it)
 
 Every key can be overridden with PROVISION_SERVER_<SECTION>_<KEY>.
 """
@@ -66,6 +70,8 @@ class ServerConfig:
     offline_timeout_s: float = 180.0
     status_write_interval_s: float = 30.0
     workers: int = 4
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     def ca_passphrase(self) -> bytes | None:
         return read_passphrase(self.ca_passphrase_file)
@@ -86,6 +92,8 @@ _KEYS: Final = {
     ("policy", "offline_timeout_s"): "offline_timeout_s",
     ("policy", "status_write_interval_s"): "status_write_interval_s",
     ("service", "workers"): "workers",
+    ("metrics", "port"): "metrics_port",
+    ("metrics", "host"): "metrics_host",
 }
 _TYPES: Final = {f.name: f.type for f in fields(ServerConfig)}
 
@@ -97,7 +105,7 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             if not isinstance(value, str) or not value:
                 raise ValueError("a non-empty path")
             return Path(value)
-        if kind == "int":
+        if kind in ("int", "int | None"):
             number = int(value)
             if isinstance(value, float) or number <= 0 or number > 65535:
                 raise ValueError("a positive integer up to 65535")

@@ -152,6 +152,11 @@ class AclSync:
         """``change_stream`` or ``polling`` once running (for logs and tests)."""
         self.syncs = 0
         self.reloads = 0
+        self.failures = 0
+        self.last_success: float | None = None
+        """Wall-clock time of the last completed sync (for the metrics)."""
+        self._pending_since: float | None = None
+        self._last_lag = 0.0
         self._lock = threading.Lock()
         self._reload_pending = False
         self._stop = threading.Event()
@@ -162,6 +167,7 @@ class AclSync:
     def sync_now(self) -> bool:
         """Regenerate the files now; SIGHUP the broker if one changed. True if changed."""
         with self._lock:
+            pending = self._pending_since
             state = read_broker_state(self.database)
             changed = write_broker_files(
                 self.layout,
@@ -182,7 +188,21 @@ class AclSync:
                     "event=acl_sync_applied devices=%d revoked_devices=%d revoked_serials=%d",
                     len(state.acl_docs), len(state.revoked_device_ids), len(state.revoked_serials),
                 )  # fmt: skip
+            if pending is not None:
+                self._last_lag = time.monotonic() - pending
+                self._pending_since = None
+            self.last_success = time.time()
             return changed
+
+    def note_change(self) -> None:
+        """A database change was seen: the lag runs until a sync completes after it."""
+        if self._pending_since is None:
+            self._pending_since = time.monotonic()
+
+    def lag_seconds(self) -> float:
+        """How long the oldest change seen is waiting, else how long the last one took."""
+        pending = self._pending_since
+        return time.monotonic() - pending if pending is not None else self._last_lag
 
     def _crl_if_needed(self, state: BrokerState) -> bytes | None:
         """A new device CRL if the revoked set changed or the current one is due; else None."""
@@ -255,6 +275,7 @@ class AclSync:
                 else:
                     self._poll(seen)
             except (ServerError, pymongo.errors.PyMongoError, OSError) as exc:
+                self.failures += 1
                 log.warning("event=acl_sync_failed error=%s retry_in=%.1f", exc, self.interval)
                 self._stop.wait(self.interval)
             finally:
@@ -279,6 +300,7 @@ class AclSync:
         deadline = time.monotonic() + self.full_resync
         while not self._stop.is_set() and time.monotonic() < deadline:
             if stream.try_next() is not None:
+                self.note_change()
                 # Drain what arrived together, so a burst costs one sync.
                 while stream.try_next() is not None and not self._stop.is_set():
                     pass
@@ -310,4 +332,5 @@ class AclSync:
                 return
             current = self._fingerprint()
             if current != seen:
+                self.note_change()
                 return

@@ -210,6 +210,17 @@ def device_revoke(state: CliState, device_ref: str, reason: str) -> None:
     default=None,
     help="Directory written by `broker-config`: keep its ACL and CRL in sync.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Serve Prometheus metrics on http://HOST:PORT/metrics (default: off).",
+)
+@click.option(
+    "--metrics-host",
+    default=None,
+    help="Address for --metrics-port (default 127.0.0.1: loopback only).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @pass_state
 def run(
@@ -219,6 +230,8 @@ def run(
     broker_host: str | None,
     broker_port: int | None,
     broker_config_dir: Path | None,
+    metrics_port: int | None,
+    metrics_host: str | None,
     verbose: bool,
 ) -> None:
     """Serve tokens, CSRs, renewals and status over MQTT until SIGTERM."""
@@ -232,5 +245,7 @@ def run(
         broker_host=broker_host,
         broker_port=broker_port,
         broker_config_dir=broker_config_dir,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
     )
     run_service(config, verbose=verbose)

@@ -208,6 +208,14 @@ class ProvisioningServer:
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
 
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def queue_depths(self) -> dict[str, int]:
+        """Accepted messages not yet taken by a worker (read by the metrics)."""
+        return {"requests": self._queue.qsize(), "status": self._status_queue.qsize()}
+
     def stop(self, timeout: float = 30.0) -> None:
         """Unsubscribe, finish every accepted message, then disconnect."""
         self._stop.set()

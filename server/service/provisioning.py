@@ -40,6 +40,7 @@ from server.errors import (
 from server.pki.birth_check import check_birth_certificate
 from server.pki.ca import CertificateAuthority
 from server.pki.csr_policy import CsrPolicy
+from server.service.metrics import ServerMetrics
 from server.service.policy import HOLDS_CERTIFICATE, ONLINE_FROM, TOKEN_FROM, ServicePolicy
 from server.service.tokens import TokenIssuer, TokenRateLimiter, token_matches
 from server.store.certificates import CertificateRecords, IssuedCertificate
@@ -78,8 +79,10 @@ class ProvisioningService:
         policy: ServicePolicy | None = None,
         csr_policy: CsrPolicy | None = None,
         status_writer: StatusBatcher | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.database = database
+        self.metrics = metrics or ServerMetrics()
         self.status_writer = status_writer
         self.ca = ca
         self.policy = policy or ServicePolicy()
@@ -107,6 +110,7 @@ class ProvisioningService:
                 client_id,
                 (time.monotonic() - started) * 1000,
             )
+            self.metrics.request(op, "ok", time.monotonic() - started)
             return protocol.ok_response(op, **fields)
         except ProtocolError as exc:
             error = exc
@@ -122,6 +126,7 @@ class ProvisioningService:
             error.code.value,
             error.message[:160],
         )
+        self.metrics.request(op, error.code.value, time.monotonic() - started)
         return protocol.error_response(error)
 
     def _dispatch(self, client_id: str, request: protocol.Request) -> dict[str, Any]:
@@ -199,11 +204,8 @@ class ProvisioningService:
         now = utcnow()
         if not isinstance(expires, datetime) or now >= expires:
             raise TokenExpired("token has expired; request a new one")
-        cert = IssuedCertificate.of(
-            self.ca.sign_device_certificate(
-                checked.public_key, client_id, mac, self.policy.certificate_validity
-            )
-        )
+        kind = "first" if device.get("crt") is None else "reprovision"
+        cert = IssuedCertificate.of(self._sign(kind, checked.public_key, client_id, mac))
         chain = self.ca.device_ca_chain_pem.decode()
         issued_fields = {
             "status": DeviceStatus.PROVISIONED.value,
@@ -231,6 +233,18 @@ class ProvisioningService:
         )
         log.info("event=certificate-issued device=%s serial=%s", client_id, cert.serial)
         return self._certificate_fields(cert.pem, chain, cert.serial, cert.expires_at)
+
+    def _sign(self, kind: str, public_key: Any, client_id: str, mac: str) -> x509.Certificate:
+        """Sign with the device CA; counted in the metrics by kind (first/reprovision/renewal)."""
+        try:
+            cert = self.ca.sign_device_certificate(
+                public_key, client_id, mac, self.policy.certificate_validity
+            )
+        except Exception:
+            self.metrics.signing_failed()
+            raise
+        self.metrics.certificate_issued(kind)
+        return cert
 
     def _repeat_issued(self, device: Document, public_key: Any) -> dict[str, Any]:
         """Idempotent retry: the same key with the same (used) token gets the same certificate."""
@@ -276,12 +290,7 @@ class ProvisioningService:
                 pending["expires_at"],
             )
         cert = IssuedCertificate.of(
-            self.ca.sign_device_certificate(
-                checked.public_key,
-                client_id,
-                str(device["macID"]),
-                self.policy.certificate_validity,
-            )
+            self._sign("renewal", checked.public_key, client_id, str(device["macID"]))
         )
         renewal = {
             "certificate": cert.pem,

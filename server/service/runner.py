@@ -11,6 +11,7 @@ from types import FrameType
 
 from server.config import ServerConfig
 from server.pki.ca import CertificateAuthority
+from server.service.metrics import CrlFile, ServerMetrics
 from server.service.mqtt_transport import BrokerEndpoint, ProvisioningServer
 from server.service.policy import ServicePolicy
 from server.service.provisioning import ProvisioningService
@@ -45,10 +46,17 @@ def run_service(config: ServerConfig, *, verbose: bool = False) -> None:
     configure_logging(verbose)
     log = logging.getLogger("provision.server")
     ca = CertificateAuthority.load(config.ca_dir, config.ca_passphrase())
-    database = Database(config.mongodb_uri)
+    metrics = ServerMetrics()
+    # Served first: a taken port fails the start before anything else is touched.
+    endpoint = None
+    if config.metrics_port is not None:
+        endpoint = metrics.serve(config.metrics_port, config.metrics_host)
+    database = Database(config.mongodb_uri, event_listeners=[metrics.command_listener()])
     database.init()
     status_writer = StatusBatcher(database).start()
-    service = ProvisioningService(database, ca, policy_of(config), status_writer=status_writer)
+    service = ProvisioningService(
+        database, ca, policy_of(config), status_writer=status_writer, metrics=metrics
+    )
     server = ProvisioningServer(
         service,
         ca,
@@ -67,7 +75,16 @@ def run_service(config: ServerConfig, *, verbose: bool = False) -> None:
         from server.broker.acl_sync import AclSync
         from server.broker.layout_file import load_layout
 
-        sync = AclSync(database, ca, load_layout(config.broker_config_dir)).start()
+        layout = load_layout(config.broker_config_dir)
+        sync = AclSync(database, ca, layout).start()
+        metrics.state.sync = sync
+        metrics.state.crls = {
+            "device": CrlFile(layout.crl_path),
+            "factory": CrlFile(layout.factory_crl_path),
+        }
+    metrics.state.transport, metrics.state.status_writer, metrics.state.ca = (
+        server, status_writer, ca
+    )  # fmt: skip
     server.start()
     log.info(
         "event=started database=%s broker=%s:%d",
@@ -81,4 +98,6 @@ def run_service(config: ServerConfig, *, verbose: bool = False) -> None:
     status_writer.stop()
     if sync is not None:
         sync.stop()
+    if endpoint is not None:
+        endpoint.close()
     database.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -13,6 +13,7 @@ import pymongo
 import pymongo.errors
 from pymongo.collection import Collection
 from pymongo.database import Database as MongoDatabase
+from pymongo.monitoring import CommandListener
 
 from server.errors import ConfigError, DatabaseUnavailable, ServerError
 from server.store.schema import INDEXES, WEB_APP_COLLECTIONS, IndexSpec
@@ -61,7 +62,13 @@ class IndexReport:
 class Database:
     """The web app's database: collections by their seed names, errors mapped."""
 
-    def __init__(self, uri: str, *, timeout_ms: int = DEFAULT_TIMEOUT_MS) -> None:
+    def __init__(
+        self,
+        uri: str,
+        *,
+        timeout_ms: int = DEFAULT_TIMEOUT_MS,
+        event_listeners: Sequence[CommandListener] = (),
+    ) -> None:
         if not uri.startswith(("mongodb://", "mongodb+srv://")):
             raise ConfigError(
                 f"MongoDB URI {redact_uri(uri)!r} must start with mongodb:// or mongodb+srv://"
@@ -75,6 +82,7 @@ class Database:
                 connectTimeoutMS=timeout_ms,
                 socketTimeoutMS=max(timeout_ms * 5, 10_000),
                 tz_aware=True,
+                event_listeners=list(event_listeners),  # the server's metrics time commands
             )
         except pymongo.errors.ConfigurationError as exc:
             raise ConfigError(f"MongoDB URI {self.safe_uri!r} is invalid: {exc}") from None

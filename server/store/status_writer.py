@@ -43,6 +43,7 @@ class StatusBatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.written = 0
+        self.batches = 0
 
     def submit(self, client_id: str, change: StatusChange) -> None:
         """Queue a change; a later one for the same device replaces it (latest wins)."""
@@ -51,6 +52,10 @@ class StatusBatcher:
             full = len(self._pending) >= self.max_batch * 5
         if full:
             self._wake.set()
+
+    def pending_count(self) -> int:
+        with self._lock:
+            return len(self._pending)
 
     def flush(self) -> int:
         """Write what is pending now, ``max_batch`` devices per bulk write.
@@ -86,6 +91,7 @@ class StatusBatcher:
             lambda: self.database.collection(DEVICES).bulk_write(operations, ordered=False)
         )
         self.written += len(chunk)
+        self.batches += 1
         log.info("event=status-batch devices=%d matched=%d", len(chunk), result.matched_count)
         return int(result.modified_count)
 
