@@ -19,6 +19,7 @@ from types import FrameType
 
 import click
 
+from harness.local_services import free_port
 from harness.simulated_fleet import LocalStack, SimulatedBoard, program_boards
 from server.cli.output import DEVICE_HEADERS, device_row, table
 from server.errors import ServerError
@@ -73,8 +74,10 @@ def main(workdir: Path, keep_running: bool | None) -> None:
     try:
         step("starting MongoDB-wire server, CA, Mosquitto (3 TLS listeners), ACL/CRL sync")
         stack = LocalStack.start(workdir, os.environ.get("MONGODB_URI"))
-        stack.start_server()
+        metrics_port = free_port()
+        stack.start_server(metrics_port=metrics_port)
         step(f"provision-server run is up (database {stack.database.safe_uri})")
+        click.echo(f"metrics: http://127.0.0.1:{metrics_port}/metrics")
         devices = DeviceRepository(stack.database)
         for mac, client_id in BOARDS:
             board = SimulatedBoard(stack.workdir / "boards" / client_id, client_id, mac)

@@ -103,7 +103,8 @@ class LocalStack:
                 raise
             return cls(workdir, mongodb_uri, database, ca, broker, layout, sync, mongo)
 
-    def start_server(self) -> subprocess.Popen[bytes]:
+    def start_server(self, metrics_port: int | None = None) -> subprocess.Popen[bytes]:
+        """``provision-server run`` as a process; with ``metrics_port``, /metrics on loopback."""
         log = self.workdir / f"server-{len(self.servers)}.log"
         argv = [
             _bin("provision-server"),
@@ -117,6 +118,8 @@ class LocalStack:
             "--broker-port",
             str(self.layout.server_port),
         ]
+        if metrics_port is not None:
+            argv += ["--metrics-port", str(metrics_port)]
         with log.open("ab") as out:
             process = subprocess.Popen(
                 argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True

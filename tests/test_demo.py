@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,6 +40,9 @@ def test_demo_provisions_the_fleet_and_a_second_run_works(tmp_path: Path) -> Non
         statuses = sorted(line.split()[2] for line in rows)
         assert statuses == ["ACTIVE", "ACTIVE", "OFFLINE"], proc.stdout
         assert "mosquitto_sub" in proc.stdout and "device list" in proc.stdout
+        metrics_lines = [line for line in proc.stdout.splitlines() if line.startswith("metrics:")]
+        assert len(metrics_lines) == 1, proc.stdout
+        assert re.fullmatch(r"metrics: http://127\.0\.0\.1:\d+/metrics", metrics_lines[0])
     # Everything it started (broker, database, server, agents) is gone.
     assert processes_mentioning(str(tmp_path / "demo")) == []
 
