@@ -26,6 +26,7 @@ Every key can be overridden with PROVISION_SERVER_<SECTION>_<KEY>.
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -37,22 +38,50 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
+from agent.storage import fsync_dir, temp_name, write_new_file
 from server.errors import ConfigError
 
 ENV_PREFIX: Final = "PROVISION_SERVER_"
+PASSPHRASE_BYTES: Final = 32
 
 
 def read_passphrase(path: Path | None) -> bytes | None:
     """The CA keys' passphrase from ``path`` (surrounding whitespace stripped), None without a file.
 
-    ConfigError (naming the file) when it cannot be read.
+    ConfigError (naming the file) when it cannot be read or holds nothing.
     """
     if path is None:
         return None
     try:
-        return path.read_bytes().strip()
+        passphrase = path.read_bytes().strip()
     except OSError as exc:
         raise ConfigError(f"cannot read CA passphrase file {path}: {exc.strerror}") from None
+    if not passphrase:
+        raise ConfigError(f"CA passphrase file {path} is empty")
+    return passphrase
+
+
+def create_passphrase_file(path: Path) -> bool:
+    """Write a new random passphrase to ``path`` (mode 0600) unless it exists; True if written.
+
+    The file is written under a temporary name and linked into place, so a crash leaves
+    no file or a whole one, and an existing passphrase is never replaced.
+    """
+    if path.exists():
+        return False
+    passphrase = secrets.token_urlsafe(PASSPHRASE_BYTES).encode() + b"\n"
+    temporary = temp_name(path)
+    try:
+        write_new_file(temporary, passphrase, 0o600)
+        os.link(temporary, path)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise ConfigError(f"cannot create CA passphrase file {path}: {exc.strerror}") from None
+    finally:
+        temporary.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return True
 
 
 @dataclass(frozen=True)

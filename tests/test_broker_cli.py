@@ -14,6 +14,7 @@ import pytest
 from agent import protocol
 from harness.local_services import MosquittoBroker, free_port
 from server.broker.layout_file import load_layout
+from server.errors import CaError
 from server.pki.ca import CertificateAuthority
 from server.store.db import Database
 from tests.mqtt_device import write_identity
@@ -113,3 +114,38 @@ def test_ca_init_with_passphrase_show_and_refusal_to_overwrite(
     unlocked = cli(mongodb_uri, *base, "--passphrase-file", str(secret))
     assert unlocked.returncode == 0, unlocked.stderr
     assert (out / "crl.pem").exists() and (out / "mosquitto.conf").exists()
+
+
+def test_ca_init_creates_a_missing_passphrase_file_and_encrypts_with_it(tmp_path: Path) -> None:
+    """docs/server.md Deploy names a passphrase file that nothing else creates."""
+    uri = "mongodb://127.0.0.1:1/unused"
+    secret = tmp_path / "ca-passphrase"
+    ca_dir = tmp_path / "ca"
+    made = cli(uri, "ca", "init", "--dir", str(ca_dir), "--passphrase-file", str(secret))
+    assert made.returncode == 0, made.stderr
+    assert f"new CA passphrase written to {secret}" in made.stdout
+    assert secret.stat().st_mode & 0o777 == 0o600
+    passphrase = secret.read_bytes().strip()
+    assert len(passphrase) >= 40
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+    with pytest.raises(CaError, match="passphrase"):
+        CertificateAuthority.load(ca_dir)
+    CertificateAuthority.load(ca_dir, passphrase)
+    # An existing file is used as it is, never replaced.
+    again = cli(uri, "ca", "init", "--dir", str(tmp_path / "ca2"), "--passphrase-file",
+                str(secret))  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert "new CA passphrase" not in again.stdout
+    assert secret.read_bytes().strip() == passphrase
+    CertificateAuthority.load(tmp_path / "ca2", passphrase)
+    # init refused (CA material already there): the passphrase it just made is removed.
+    fresh = tmp_path / "fresh-passphrase"
+    refused = cli(uri, "ca", "init", "--dir", str(ca_dir), "--passphrase-file", str(fresh))
+    assert refused.returncode == 1 and "already holds CA material" in refused.stderr
+    assert not fresh.exists()
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    blank = cli(uri, "ca", "init", "--dir", str(tmp_path / "ca3"), "--passphrase-file",
+                str(empty))  # fmt: skip
+    assert blank.returncode == 1 and blank.stderr.strip().endswith(f"{empty} is empty")
+    assert not (tmp_path / "ca3").exists()

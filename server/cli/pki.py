@@ -13,7 +13,7 @@ import click
 
 from server.cli.output import to_json
 from server.cli.state import CliState, ServerGroup, pass_state
-from server.config import read_passphrase
+from server.config import create_passphrase_file, read_passphrase
 
 # --- ca --------------------------------------------------------------------
 
@@ -23,7 +23,7 @@ passphrase_option = click.option(
     "--passphrase-file",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
-    help="File holding the passphrase of the CA keys (ca init: encrypt them with it).",
+    help="File holding the passphrase of the CA keys.",
 )
 
 
@@ -39,7 +39,13 @@ def ca() -> None:
 
 @ca.command("init")
 @ca_dir_option("--dir", "Directory for the CA material (created 0700).")
-@passphrase_option
+@click.option(
+    "--passphrase-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Encrypt the CA keys with the passphrase in this file; a missing file is created "
+    "(0600) with a random passphrase.",
+)
 @click.option(
     "--server-name",
     "server_names",
@@ -52,9 +58,17 @@ def ca_init(ca_dir: Path, passphrase_file: Path | None, server_names: tuple[str,
     """Create the CAs and the broker/server identities; never overwrites."""
     from server.pki.ca import CertificateAuthority
 
-    CertificateAuthority.init(
-        ca_dir, passphrase=read_passphrase(passphrase_file), server_names=server_names
-    )
+    created = passphrase_file is not None and create_passphrase_file(passphrase_file)
+    try:
+        CertificateAuthority.init(
+            ca_dir, passphrase=read_passphrase(passphrase_file), server_names=server_names
+        )
+    except BaseException:
+        if created and passphrase_file is not None:
+            passphrase_file.unlink()  # nothing was encrypted with it: leave no trace
+        raise
+    if created:
+        click.echo(f"new CA passphrase written to {passphrase_file} (keep a copy offline)")
     click.echo(f"CA material written to {ca_dir}")
 
 
