@@ -38,6 +38,7 @@ def test_help_documents_every_command() -> None:
         ["device", "allocate"],
         ["device", "list"],
         ["device", "show"],
+        ["device", "history"],
         ["user", "add"],
     ):
         result = runner.invoke(main, [*args, "--help"])

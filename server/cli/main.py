@@ -10,12 +10,19 @@ from pathlib import Path
 
 import click
 
+from server.cli.history import device_history_command
 from server.cli.output import DEVICE_HEADERS, device_row, table, to_json
 from server.cli.pki import broker_config, ca
 from server.cli.state import CliState, ServerGroup, pass_state
 from server.config import load_server_config
 from server.store.db import DEFAULT_DATABASE
 from server.store.devices import DeviceRepository
+from server.store.operator_actions import (
+    OPERATOR_ENV,
+    OperatorAction,
+    OperatorActionLog,
+    current_operator,
+)
 from server.store.schema import DeviceStatus
 from server.store.users import UserRepository
 
@@ -31,11 +38,17 @@ DEFAULT_MONGODB_URI = f"mongodb://127.0.0.1:27017/{DEFAULT_DATABASE}"
     help="MongoDB URI; the database name is its path (default database: "
     f"{DEFAULT_DATABASE}). Also read from MONGODB_URI.",
 )
+@click.option(
+    "--operator",
+    envvar=OPERATOR_ENV,
+    default=None,
+    help=f"Who acts, recorded in the audit trail (default: login@host). Also {OPERATOR_ENV}.",
+)
 @click.version_option(package_name="device-provisioning")
 @click.pass_context
-def main(ctx: click.Context, mongodb_uri: str) -> None:
+def main(ctx: click.Context, mongodb_uri: str, operator: str | None) -> None:
     """Provisioning server and admin tools for the device fleet."""
-    state = CliState(mongodb_uri)
+    state = CliState(mongodb_uri, operator=current_operator({OPERATOR_ENV: operator or ""}))
     ctx.obj = state
     ctx.call_on_close(state.close)
 
@@ -120,6 +133,9 @@ def device_add(state: CliState, mac: str, client_id: str | None, as_json: bool) 
 def device_allocate(state: CliState, device_ref: str, user_id: str, as_json: bool) -> None:
     """Allocate DEVICE (MAC or clientId) to a user: UNALLOCATED -> ALLOCATED."""
     doc = DeviceRepository(state.database).allocate(device_ref, user_id)
+    OperatorActionLog(state.database).record(
+        OperatorAction.ALLOCATE, doc["clientId"], state.operator, {"userId": doc["userId"]}
+    )
     if as_json:
         click.echo(to_json(doc))
     else:
@@ -186,7 +202,13 @@ def device_revoke(state: CliState, device_ref: str, reason: str) -> None:
         new=DeviceStatus.ERROR,
         set_fields={"errorMessage": f"certificate {serial} revoked: {reason}"},
     )
+    OperatorActionLog(state.database).record(
+        OperatorAction.REVOKE, doc["clientId"], state.operator, {"serial": serial, "reason": reason}
+    )
     click.echo(f"revoked certificate {serial} of {doc['clientId']}")
+
+
+device.add_command(device_history_command)  # server/cli/history.py
 
 
 # --- run -------------------------------------------------------------------

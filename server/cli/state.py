@@ -24,6 +24,8 @@ class ServerGroup(click.Group):
 @dataclass
 class CliState:
     mongodb_uri: str
+    operator: str = "-"
+    """Who runs the command, for the audit trail (``--operator``, else login@host)."""
     _database: Database | None = field(default=None, repr=False)
 
     @property

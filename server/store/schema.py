@@ -18,6 +18,8 @@ SOCIALS: Final = "socials"
 # Ours, where the seed is silent: one document per revoked certificate, the
 # source of the CRL (device_certificates keeps only the current one per device).
 CERTIFICATE_REVOCATIONS: Final = "certificate_revocations"
+# Ours: the audit trail, one document per operator action (server/store/operator_actions.py).
+OPERATOR_ACTIONS: Final = "operator_actions"
 
 WEB_APP_COLLECTIONS: Final = (DEVICES, DEVICE_ACLS, DEVICE_CERTIFICATES, USERS, SOCIALS)
 
@@ -74,6 +76,9 @@ INDEXES: Final = (
     IndexSpec(DEVICE_CERTIFICATES, "expires_at"),
     IndexSpec(DEVICE_CERTIFICATES, "created_at"),
     IndexSpec(CERTIFICATE_REVOCATIONS, "serial", unique=True),
+    IndexSpec(CERTIFICATE_REVOCATIONS, "device_id"),
+    IndexSpec(OPERATOR_ACTIONS, "device_id"),
+    IndexSpec(OPERATOR_ACTIONS, "at"),
 )
 
 # Device fields of the seed (plus crt / ca_certificate of its step 4); the
