@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -209,37 +212,105 @@ def test_server_default_config_loads_and_is_a_conffile(debs: Debs, tmp_path: Pat
     assert config.broker_config_dir == Path("/var/lib/provision-server/mosquitto")
 
 
-@pytest.mark.skipif(
+needs_debian_python = pytest.mark.skipif(
     not os.path.exists("/usr/bin/python3.11"), reason="needs Debian 12's /usr/bin/python3.11"
 )
+
+
+def unpack(deb: Deb, into: Path) -> dict[str, str]:
+    """The package's files under ``into``, /usr/bin/python3 pointing at Debian's 3.11."""
+    subprocess.run(["dpkg-deb", "-x", deb.path, into], check=True)
+    (into / "usr/bin/python3").symlink_to("/usr/bin/python3.11")
+    return {"PATH": "/usr/bin:/bin", "HOME": str(into)}
+
+
+def run_wrapper(into: Path, command: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """/usr/bin/<command> of the unpacked package, pointed at the unpacked prefix."""
+    wrapper = (into / "usr/bin" / command).read_text()
+    wrapper = wrapper.replace("/usr/lib/provision-", str(into / "usr/lib/provision-"))
+    (into / command).write_text(wrapper)
+    return subprocess.run(
+        ["sh", str(into / command), *args], cwd=into, env={"PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def import_all(into: Path, package: str, *modules: str) -> subprocess.CompletedProcess[str]:
+    """Import every module of ``modules`` (packages) with the package's private python."""
+    probe = (
+        "import importlib, pkgutil, sys\n"
+        f"for name in {modules!r}:\n"
+        "    root = importlib.import_module(name)\n"
+        "    for info in pkgutil.walk_packages(root.__path__, name + '.'):\n"
+        "        importlib.import_module(info.name)\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'server', 'harness', 'tests'}))"
+    )
+    python = into / "usr/lib" / package / "bin/python3"
+    return subprocess.run(
+        [str(python), "-P", "-c", probe], cwd=into, env={"PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+@needs_debian_python
 def test_agent_runs_from_its_private_environment_alone(debs: Debs, tmp_path: Path) -> None:
     """The bundle alone: the package's venv over Debian's python3, no repo, no server."""
-    subprocess.run(["dpkg-deb", "-x", debs.agent.path, tmp_path], check=True)
-    (tmp_path / "usr/bin/python3").symlink_to("/usr/bin/python3.11")
-    wrapper = (tmp_path / "usr/bin/provision-agent").read_text()
-    wrapper = wrapper.replace("/usr/lib/provision-agent", str(tmp_path / "usr/lib/provision-agent"))
-    (tmp_path / "provision-agent").write_text(wrapper)
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    result = subprocess.run(
-        ["sh", str(tmp_path / "provision-agent"), "--help"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    unpack(debs.agent, tmp_path)
+    result = run_wrapper(tmp_path, "provision-agent", "--help")
     assert result.returncode == 0, result.stderr
     assert "Usage: provision-agent" in result.stdout
-    probe = (
-        "import sys, agent.cli, agent.runner, agent.factory.console, cryptography, paho.mqtt;"
-        "print(cryptography.__version__);"
-        "print(any(m.split('.')[0] in ('server', 'harness') for m in sys.modules))"
-    )
-    python = tmp_path / "usr/lib/provision-agent/bin/python3"
-    result = subprocess.run(
-        [str(python), "-P", "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
-        timeout=60,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    version, imported_server = result.stdout.split()
-    assert int(version.split(".")[0]) >= 42
-    assert imported_server == "False"
+    imported = import_all(tmp_path, "provision-agent", "agent")
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.strip() == "[]"  # nothing of server or harness came along
+
+
+@needs_debian_python
+def test_server_runs_from_its_private_environment_alone(debs: Debs, tmp_path: Path) -> None:
+    """Every server module imports from the bundle (a dependency missing from
+    packaging/requirements-server.txt fails here, not on the backend host)."""
+    unpack(debs.server, tmp_path)
+    for command in ("provision-server", "provision-station"):
+        result = run_wrapper(tmp_path, command, "--help")
+        assert result.returncode == 0, result.stderr
+        assert f"Usage: {command}" in result.stdout
+    imported = import_all(tmp_path, "provision-server", "agent", "server")
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.strip() == "['server']"
+
+
+def test_pins_cover_the_declared_dependencies() -> None:
+    """packaging/requirements-*.txt pin a version of each pyproject dependency that it allows."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    environment = {"python_version": "3.11", "python_full_version": "3.11.2"}
+
+    def pins(name: str) -> dict[str, Version]:
+        found: dict[str, Version] = {}
+        for line in (ROOT / "packaging" / name).read_text().splitlines():
+            line = line.split("#")[0].strip()
+            if line.startswith("-r "):
+                found.update(pins(line.split()[1]))
+            elif line:
+                requirement = Requirement(line)
+                (spec,) = requirement.specifier
+                assert spec.operator == "==", line
+                found[canonicalize_name(requirement.name)] = Version(spec.version)
+        return found
+
+    for file, declared in (
+        ("requirements-agent.txt", project["dependencies"]),
+        (
+            "requirements-server.txt",
+            project["dependencies"] + project["optional-dependencies"]["server"],
+        ),
+    ):
+        pinned = pins(file)
+        for text in declared:
+            requirement = Requirement(text)
+            if requirement.marker and not requirement.marker.evaluate(environment):
+                continue
+            name = canonicalize_name(requirement.name)
+            assert name in pinned, f"{file}: {name} is not pinned"
+            assert pinned[name] in requirement.specifier, f"{file}: {name} {pinned[name]}"
 
 
 def test_lintian_is_clean(debs: Debs) -> None:
