@@ -104,7 +104,7 @@ def test_server_unit_runs_unprivileged_with_its_own_state() -> None:
     unit = parse_unit(SERVER)
     assert one(unit, "Service", "User") == "provision-server"
     assert one(unit, "Service", "StateDirectory") == "provision-server"
-    assert one(unit, "Service", "StateDirectoryMode") == "0700"
+    assert one(unit, "Service", "StateDirectoryMode") == "0711"
     assert one(unit, "Service", "ProtectSystem") == "strict"
     assert one(unit, "Service", "NoNewPrivileges") == "yes"
 
@@ -145,3 +145,27 @@ def test_the_rating_catches_a_weakened_unit(tmp_path: Path) -> None:
     weakened.write_text("\n".join(kept) + "\n", encoding="utf-8")
     exposure, _ = _security(weakened)
     assert exposure > MAX_EXPOSURE
+
+
+def test_server_unit_reads_the_packaged_config_and_the_passphrase_credential() -> None:
+    unit = parse_unit(SERVER)
+    exec_start = one(unit, "Service", "ExecStart")
+    assert exec_start == "/usr/bin/provision-server run --config /etc/provision-server/server.toml"
+    credential = one(unit, "Service", "LoadCredential")
+    assert credential == "ca-passphrase:/etc/provision-server/ca-passphrase"
+    assert "PROVISION_SERVER_CA_PASSPHRASE_FILE=%d/ca-passphrase" in unit["Service"]["Environment"]
+
+
+@pytest.mark.parametrize("path", [AGENT, CONSOLE, SERVER], ids=lambda p: p.name)
+def test_exec_start_names_a_real_command(path: Path) -> None:
+    """The unit's command line parses (docs once named a `serve` that does not exist)."""
+    from click.testing import CliRunner
+
+    from agent.cli import main as agent_main
+    from server.cli.main import main as server_main
+
+    binary, *args = one(parse_unit(path), "Service", "ExecStart").split()
+    entry = {"/usr/bin/provision-agent": agent_main, "/usr/bin/provision-server": server_main}
+    result = CliRunner().invoke(entry[binary], [*args, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
