@@ -56,6 +56,7 @@ class _LazyGroup(click.Group):
 
     lazy: ClassVar[dict[str, tuple[str, str]]] = {
         "factory-console": ("agent.factory.console", "factory_console_command"),
+        "doctor": ("agent.doctor", "doctor_command"),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
