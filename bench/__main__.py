@@ -87,7 +87,9 @@ class Report:
     @property
     def all_active(self) -> bool:
         runs = [self.fleet] + ([self.scaled] if self.scaled else [])
-        return all(r.active_in_db == r.devices and not r.failures for r in runs)
+        return all(
+            r.active_in_db == r.devices and not r.failures and not r.not_active for r in runs
+        )
 
     def results(self) -> dict[str, Any]:
         fleet = self.fleet
@@ -96,6 +98,7 @@ class Report:
             "e2e_devices": fleet.devices,
             "e2e_active_in_db": fleet.active_in_db,
             "e2e_failures": list(fleet.failures),
+            "e2e_not_active": list(fleet.not_active),
             "e2e_retries": fleet.retries,
             "e2e_concurrency": fleet.concurrency,
             "e2e_seconds": round(fleet.seconds, 3),
@@ -122,6 +125,8 @@ class Report:
             out["scaled_servers"] = self.scaled.servers
             out["scaled_per_s"] = round(self.scaled.per_second, 1)
             out["scaled_active_in_db"] = self.scaled.active_in_db
+            out["scaled_failures"] = list(self.scaled.failures)
+            out["scaled_not_active"] = list(self.scaled.not_active)
             out["scaling_ratio"] = round(self.scaled.per_second / fleet.per_second, 3)
         if self.replay is not None:
             out["restart_retained_statuses"] = self.replay[0]
@@ -244,13 +249,18 @@ def run_benchmark(
             stack.stop_servers()
             progress(f"registering {devices} more devices for the 2-server run")
             more = stack.register(f"scale-{uuid.uuid4().hex[:4]}", devices)
-            retained = stack.active_count() + len(agent.boot_seconds)
+            # Every device provisioned over MQTT so far left a retained status.
+            retained = fleet.devices + len(boots) + len(agent.boot_seconds)
             progress(f"starting 2 servers; waiting while they replay {retained} retained statuses")
             replay = (retained, stack.start_servers(2))
             progress(f"provisioning {devices} devices with 2 servers")
             scaled = run_fleet(stack, more, concurrency, progress)
-        if fleet.failures:
-            progress(f"{len(fleet.failures)} devices failed, e.g. {fleet.failures[0]}")
+        for run in (fleet, scaled):
+            if run is not None and (run.failures or run.not_active):
+                progress(
+                    f"{run.servers}-server run: {len(run.failures)} devices failed "
+                    f"{list(run.failures[:3])}; not ACTIVE: {list(run.not_active[:10])}"
+                )
         return Report(ceiling, service, fleet, boots, agent, scaled, replay)
 
 

@@ -16,19 +16,19 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
 from typing import Final
 
 import pymongo.monitoring
 
 from agent.birth import Endpoints
+from bench.batch_progress import BatchProgress, lookup_statuses
 from bench.lightweight_device import DeviceIdentity, DeviceTiming, provision
 from bench.stack import BenchStack, Progress, percentile, pss_bytes, rss_bytes
 from harness.simulated_fleet import SimulatedBoard
 from server.service.policy import ServicePolicy
 from server.service.provisioning import ProvisioningService
 from server.store.db import Database
-from server.store.devices import DeviceRepository, utcnow
+from server.store.devices import DeviceRepository
 from server.store.schema import DEVICES, DeviceStatus
 
 POLL_INTERVAL_S: Final = 0.2
@@ -44,6 +44,8 @@ class FleetResult:
     timings: tuple[DeviceTiming, ...]
     active_in_db: int
     failures: tuple[str, ...]
+    not_active: tuple[str, ...]
+    """``clientId: status`` of every device of the batch not ACTIVE at the end."""
     server_rss_peak: int
     server_rss_idle: int
 
@@ -62,29 +64,27 @@ class FleetResult:
 
 @dataclass
 class _Watch:
-    """Polls the database and the server's RSS while a batch runs."""
+    """Polls the batch's devices in the database and the servers' RSS while a batch runs."""
 
     stack: BenchStack
-    target: int
-    since: datetime
+    batch: BatchProgress
     progress: Progress
     done_at: float | None = None
     rss_peak: int = 0
-    active: int = 0
     stop: threading.Event = field(default_factory=threading.Event)
 
     def run(self) -> None:
         last_report = 0.0
         while not self.stop.is_set():
             self.rss_peak = max(self.rss_peak, self.stack.server_rss())
-            self.active = self.stack.active_count(self.since)
+            active = self.batch.poll()
             now = time.monotonic()
-            if self.active >= self.target and self.done_at is None:
+            if self.batch.done:
                 self.done_at = now
                 return
             if now - last_report >= 1.0:
                 last_report = now
-                self.progress(f"  ACTIVE in database: {self.active}/{self.target}")
+                self.progress(f"  ACTIVE in database: {active}/{self.batch.total}")
             self.stop.wait(POLL_INTERVAL_S)
 
 
@@ -95,11 +95,15 @@ def run_fleet(
     progress: Progress,
     settle_timeout: float = 60.0,
 ) -> FleetResult:
-    """Provision every identity (at most ``concurrency`` in flight) and wait for ACTIVE."""
+    """Provision every identity (at most ``concurrency`` in flight) and wait for ACTIVE.
+
+    The run ends when every device of the batch has been seen ACTIVE in the database
+    (or ``settle_timeout`` after the last client finished); the final statuses are then
+    read per device, and any device not ACTIVE is reported with its status.
+    """
     idle_rss = stack.server_rss()
-    # Counted by lastSeenAt: earlier batches' devices stay out of this one's count.
-    since = utcnow() - timedelta(milliseconds=5)
-    watch = _Watch(stack, len(identities), since, progress)
+    devices = stack.database.collection(DEVICES)
+    watch = _Watch(stack, BatchProgress(devices, (i.client_id for i in identities)), progress)
     watcher = threading.Thread(target=watch.run, name="bench-watch", daemon=True)
     root = stack.ca.paths.root_cert
     layout = stack.layout
@@ -128,16 +132,21 @@ def run_fleet(
     watcher.join()
     first = min((t.token_requested for t in timings), default=time.monotonic())
     end = watch.done_at if watch.done_at is not None else time.monotonic()
-    statuses = stack.statuses([i.client_id for i in identities])
-    active = sum(1 for s in statuses.values() if s == DeviceStatus.ACTIVE.value)
+    statuses = lookup_statuses(devices, (i.client_id for i in identities))
+    not_active = tuple(
+        f"{client_id}: {status}"
+        for client_id, status in sorted(statuses.items())
+        if status != DeviceStatus.ACTIVE.value
+    )
     return FleetResult(
         devices=len(identities),
         servers=len(stack.servers),
         concurrency=concurrency,
         seconds=end - first,
         timings=tuple(timings),
-        active_in_db=active,
+        active_in_db=len(statuses) - len(not_active),
         failures=tuple(failures),
+        not_active=not_active,
         server_rss_peak=watch.rss_peak,
         server_rss_idle=idle_rss,
     )

@@ -13,7 +13,6 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Final
@@ -25,7 +24,6 @@ from server.broker.mosquitto_conf import BrokerLayout
 from server.pki.ca import CertificateAuthority
 from server.store.db import Database
 from server.store.devices import DeviceRepository
-from server.store.schema import DEVICES, DeviceStatus
 from server.store.users import UserRepository
 
 SERVER_READY_TIMEOUT_S: Final = 20.0
@@ -194,19 +192,6 @@ class BenchStack:
             repo.allocate(client_id, self.user_id)
             identities.append(identity)
         return identities
-
-    def active_count(self, since: datetime | None = None) -> int:
-        """Devices ACTIVE now (whose last status write was at or after ``since``)."""
-        query: dict[str, object] = {"status": DeviceStatus.ACTIVE.value}
-        if since is not None:
-            query["lastSeenAt"] = {"$gte": since}
-        return self.database.collection(DEVICES).count_documents(query)
-
-    def statuses(self, client_ids: Sequence[str]) -> dict[str, str]:
-        docs = self.database.collection(DEVICES).find(
-            {"clientId": {"$in": list(client_ids)}}, {"clientId": 1, "status": 1}
-        )
-        return {doc["clientId"]: str(doc.get("status")) for doc in docs}
 
     def close(self) -> None:
         self.stop_servers()

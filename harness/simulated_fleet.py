@@ -77,7 +77,7 @@ class LocalStack:
                     mongo = MongoWireServer(workdir / "mongo").start()
                     started.append(mongo.stop)
                     checkpoint()
-                    mongodb_uri = mongo.uri + database_name
+                    mongodb_uri = mongo.database_uri(database_name)
                 database = Database(mongodb_uri)
                 started.append(database.close)
                 database.init()

@@ -24,7 +24,7 @@ def test_database_down_gives_retryable_unavailable_and_the_service_recovers(
 ) -> None:
     mongo = MongoWireServer(tmp_path / "mongo").start()
     ca = CertificateAuthority.init(tmp_path / "ca")
-    database = Database(mongo.uri + "outage", timeout_ms=1000)
+    database = Database(mongo.database_uri("outage"), timeout_ms=1000)
     try:
         database.init()
         kit = DeviceKit("board-db", "02:00:00:00:0D:01", ca)
