@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from server.cli.doctor import doctor_command
 from server.cli.history import device_history_command
 from server.cli.output import DEVICE_HEADERS, device_row, table, to_json
 from server.cli.pki import broker_config, ca
@@ -57,6 +58,7 @@ def main(ctx: click.Context, mongodb_uri: str, operator: str | None) -> None:
 
 main.add_command(ca)
 main.add_command(broker_config)
+main.add_command(doctor_command)  # server/cli/doctor.py
 
 
 # --- db --------------------------------------------------------------------
