@@ -17,6 +17,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -26,12 +27,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent import protocol
 from harness.local_broker import start_local_broker
 from harness.local_services import free_port
+from server.broker.acl_sync import AclSync
 from server.broker.layout_file import save_layout
 from server.config import ServerConfig, load_server_config
 from server.pki.ca import CertificateAuthority
 from server.store.db import Database
 from server.store.devices import DeviceRepository
-from server.store.schema import DEVICES, USERS
+from server.store.schema import DEVICE_ACLS, DEVICES, USERS
+from tests.broker_fixture import LocalBroker
 from tests.conftest import with_database
 from tests.device_kit import DeviceKit
 from tests.mqtt_device import MqttDevice
@@ -264,3 +267,37 @@ def test_alerting_rules_use_exported_metrics(run: Run, repo_root: Path) -> None:
     used = set(METRIC_NAME.findall(rules))
     assert "provision_crl_next_update_timestamp_seconds" in used
     assert used - exported_names(run.text) == set()
+
+
+def test_sync_lag_runs_from_the_database_write_until_the_broker_has_it(
+    broker: LocalBroker,
+) -> None:
+    """What ProvisionBrokerSyncLagHigh watches: a change the broker cannot get grows the lag."""
+    assert broker.database is not None
+    sync = AclSync(broker.database, broker.ca, broker.layout, interval=0.2).start()
+    try:
+        wait_for("the first sync", lambda: sync.last_success is not None)
+        pid = broker.layout.pid_path.read_text()
+        broker.layout.pid_path.write_text("999999\n")  # no such process: the SIGHUP fails
+        broker.database.collection(DEVICE_ACLS).insert_one(
+            {
+                "device_id": "lagging",
+                "tier": "2",
+                "rules": [],
+                "last_updated": datetime.now(timezone.utc),
+            }
+        )
+        wait_for("a failed sync", lambda: sync.failures >= 1)
+        time.sleep(1.0)
+        assert sync.lag_seconds() >= 1.0  # still waiting, and counting
+        restored = time.time()
+        broker.layout.pid_path.write_text(pid)
+        failed_at = sync.failures
+        wait_for("a sync after the fix", lambda: (sync.last_success or 0) > restored)
+        applied = sync.lag_seconds()
+        time.sleep(0.3)
+        assert sync.lag_seconds() == applied  # settled: the time the change took
+        assert 1.0 <= applied < 10
+        assert sync.failures >= failed_at and sync.reloads >= 1
+    finally:
+        sync.stop()

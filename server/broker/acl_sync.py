@@ -155,7 +155,7 @@ class AclSync:
         self.failures = 0
         self.last_success: float | None = None
         """Wall-clock time of the last completed sync (for the metrics)."""
-        self._pending_since: float | None = None
+        self._pending_since: float | None = None  # wall clock: the change's own time
         self._last_lag = 0.0
         self._lock = threading.Lock()
         self._reload_pending = False
@@ -189,20 +189,29 @@ class AclSync:
                     len(state.acl_docs), len(state.revoked_device_ids), len(state.revoked_serials),
                 )  # fmt: skip
             if pending is not None:
-                self._last_lag = time.monotonic() - pending
+                self._last_lag = max(0.0, time.time() - pending)
                 self._pending_since = None
             self.last_success = time.time()
             return changed
 
-    def note_change(self) -> None:
-        """A database change was seen: the lag runs until a sync completes after it."""
-        if self._pending_since is None:
-            self._pending_since = time.monotonic()
+    def note_change(self, written_at: object = None) -> None:
+        """A database change was seen: the lag runs until a sync completes after it.
+
+        ``written_at`` is the change event's ``wallTime`` (when the database applied it);
+        without one (polling), the lag starts now.
+        """
+        if isinstance(written_at, datetime):
+            aware = written_at if written_at.tzinfo else written_at.replace(tzinfo=timezone.utc)
+            seen = min(aware.timestamp(), time.time())
+        else:
+            seen = time.time()
+        if self._pending_since is None or seen < self._pending_since:
+            self._pending_since = seen
 
     def lag_seconds(self) -> float:
         """How long the oldest change seen is waiting, else how long the last one took."""
         pending = self._pending_since
-        return time.monotonic() - pending if pending is not None else self._last_lag
+        return max(0.0, time.time() - pending) if pending is not None else self._last_lag
 
     def _crl_if_needed(self, state: BrokerState) -> bytes | None:
         """A new device CRL if the revoked set changed or the current one is due; else None."""
@@ -299,8 +308,9 @@ class AclSync:
         """Return after a change (debounced) or when the full resync is due."""
         deadline = time.monotonic() + self.full_resync
         while not self._stop.is_set() and time.monotonic() < deadline:
-            if stream.try_next() is not None:
-                self.note_change()
+            change = stream.try_next()
+            if change is not None:
+                self.note_change(change.get("wallTime"))
                 # Drain what arrived together, so a burst costs one sync.
                 while stream.try_next() is not None and not self._stop.is_set():
                     pass
