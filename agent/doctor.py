@@ -28,6 +28,7 @@ from agent.broker_probe import Listener, probe
 from agent.config import AgentConfig, load_config
 from agent.errors import AgentError
 from agent.health import CheckResult, failed, healthy, passed, render_json, render_text, warned
+from agent.identity import read_mac
 from agent.runner import PROVISIONING_STATES, ca_file_for, certs_dir
 from agent.state import AgentState, StateRecord, StateStore
 from agent.storage import DIR_MODE, FILE_MODE, CertificateStore
@@ -110,6 +111,17 @@ class Doctor:
                 "identity",
                 f"no birth identity in {self.state_dir}: program the board with "
                 "provision-station (the factory console must run on its serial port)",
+            )
+        try:
+            interface, mac = read_mac(self.config.device.sysfs_root, self.config.device.interface)
+        except AgentError as exc:
+            return failed("identity", f"cannot read this board's MAC: {exc.message}")
+        if mac != self.identity.mac:
+            return failed(
+                "identity",
+                f"this board's MAC {mac} ({interface}) is not the MAC of its birth identity "
+                f"{self.identity.mac}: the identity belongs to another board (moved storage?); "
+                "program this board with the station",
             )
         if not self.identity.finalized:
             return warned(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from agent.runner import certs_dir
 from agent.state import AgentState, StateRecord, StateStore
 from agent.storage import CertificateStore
 from harness.local_services import free_port
+from harness.simulated_board import make_sysfs
 from server.pki.ca import CertificateAuthority
 from tests.broker_fixture import LocalBroker
 
@@ -50,7 +52,8 @@ class Board:
         return self.root / "agent.toml"
 
     def write_config(self, **broker: object) -> None:
-        lines = [f'[device]\nstate_dir = "{self.state_dir}"\n[broker]\n']
+        lines = [f'[device]\nstate_dir = "{self.state_dir}"\nsysfs_root = "{self.root / "sys"}"\n']
+        lines.append("[broker]\n")
         lines += [f"{key} = {json.dumps(value)}\n" for key, value in broker.items()]
         self.config_path.write_text("".join(lines))
 
@@ -100,6 +103,7 @@ def board(tmp_path: Path, ca: CertificateAuthority, broker: LocalBroker) -> Boar
     """A provisioned, ACTIVE board whose birth identity names the broker's listeners."""
     made = Board(tmp_path / "board", ca, broker)
     made.root.mkdir()
+    make_sysfs(made.root / "sys", {"eth0": (MAC.lower(), True)})
     keystore = FileKeyStore(keys_dir(made.state_dir))
     birth = ca.sign_birth_certificate(keystore.generate("birth"), CLIENT_ID, MAC)
     layout = broker.layout
@@ -250,6 +254,13 @@ def test_the_state_machines_last_error_fails(board: Board) -> None:
     )
     message = failing(board.doctor())["state"]
     assert message.startswith("REJECTED by the server: MAC_MISMATCH: the MAC in the request")
+
+
+def test_an_identity_of_another_board_fails(board: Board) -> None:
+    shutil.rmtree(board.root / "sys")
+    make_sysfs(board.root / "sys", {"eth0": ("02:00:00:00:0f:0f", True)})
+    message = failing(board.doctor())["identity"]
+    assert "this board's MAC 02:00:00:00:0F:0F (eth0) is not the MAC of its birth" in message
 
 
 def test_a_board_without_identity_says_to_program_it(board: Board) -> None:
