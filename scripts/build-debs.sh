@@ -20,7 +20,9 @@
 #
 # Debian packages it needs, installed here when missing: dpkg-dev (dpkg-deb),
 # lintian, python3-venv (a pip for the wheel download and the offline install),
-# binutils (strip; binutils-aarch64-linux-gnu for --arch arm64). No fakeroot:
+# binutils (strip; binutils-aarch64-linux-gnu for --arch arm64), and for the broker's
+# provisioning_guard plugin gcc, libc6-dev, mosquitto-dev, libmosquitto-dev (headers;
+# gcc-aarch64-linux-gnu and libc6-dev-arm64-cross for --arch arm64). No fakeroot:
 # dpkg-deb --root-owner-group; owners that are not root are set by the packages'
 # sysusers.d/tmpfiles.d at install time.
 set -euo pipefail
@@ -59,6 +61,20 @@ strip=strip
     || strip=aarch64-linux-gnu-strip
 if ! command -v "$strip" >/dev/null 2>&1; then
     [ "$strip" = strip ] && missing+=(binutils) || missing+=(binutils-aarch64-linux-gnu)
+fi
+# The broker plugin is C, compiled here so that the backend host needs no compiler.
+guard_source=server/broker/provisioning_guard.c
+cc=gcc
+[ "$arch" != arm64 ] || [ "$(dpkg --print-architecture)" = arm64 ] || cc=aarch64-linux-gnu-gcc
+if [ -f "$guard_source" ]; then
+    if ! command -v "$cc" >/dev/null 2>&1; then
+        [ "$cc" = gcc ] && missing+=(gcc libc6-dev) || missing+=(gcc-aarch64-linux-gnu)
+    fi
+    # The cross compiler's libc headers are only a Recommends of gcc-aarch64-linux-gnu.
+    [ "$cc" = gcc ] || [ -f /usr/aarch64-linux-gnu/include/stdio.h ] \
+        || missing+=(libc6-dev-arm64-cross)
+    [ -f /usr/include/mosquitto_broker.h ] || missing+=(mosquitto-dev)
+    [ -f /usr/include/mosquitto.h ] || missing+=(libmosquitto-dev)
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "build-debs: apt-get install ${missing[*]}"
@@ -219,6 +235,27 @@ finish_package() {  # <package root> <package dir in packaging/deb>
     echo "build-debs: wrote $deb ($(du -h "$deb" | cut -f1))"
 }
 
+build_guard_plugin() {  # <output .so>
+    local output=$1 include cflags
+    # Only Mosquitto's own headers from the host (arch-independent); libc's come from the
+    # compiler's target, so an arm64 plugin never sees x86 headers.
+    include=$(mktemp -d)
+    cp /usr/include/mosquitto.h /usr/include/mosquitto_broker.h /usr/include/mosquitto_plugin.h \
+        "$include/"
+    [ ! -f /usr/include/mqtt_protocol.h ] || cp /usr/include/mqtt_protocol.h "$include/"
+    # The flags the server's own build uses (server/broker/guard_plugin.py, CFLAGS).
+    cflags=$(python3 -c 'import ast, sys
+for node in ast.parse(open(sys.argv[1]).read()).body:
+    if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "CFLAGS":
+        print(" ".join(ast.literal_eval(node.value)))' server/broker/guard_plugin.py)
+    [ -n "$cflags" ] || { echo "build-debs: no CFLAGS in server/broker/guard_plugin.py" >&2; exit 1; }
+    # shellcheck disable=SC2086  # the flags are words
+    "$cc" $cflags -I"$include" -o "$output" "$guard_source"
+    rm -rf "$include"
+    "$strip" --strip-unneeded -R .comment -R .note "$output"
+    chmod 0644 "$output"
+}
+
 # --- provision-agent ---------------------------------------------------------------
 agent_root="$build/provision-agent"
 agent_prefix=/usr/lib/provision-agent
@@ -243,6 +280,10 @@ make_private_env "$server_root" "$server_prefix" packaging/requirements-server.t
 copy_python_package "$server_root" "$server_prefix" agent server
 entry_point "$server_root" provision-server "$server_prefix"
 entry_point "$server_root" provision-station "$server_prefix"
+if [ -f "$guard_source" ]; then
+    # broker-config --guard-plugin /usr/lib/provision-server/provisioning_guard.so (docs/server.md)
+    build_guard_plugin "$server_root$server_prefix/provisioning_guard.so"
+fi
 install -d "$server_root/lib/systemd/system"
 install -m 0644 systemd/provision-server.service "$server_root/lib/systemd/system/"
 install -D -m 0644 packaging/deb/provision-server/sysusers.conf \

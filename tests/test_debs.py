@@ -159,6 +159,10 @@ def test_server_deb_ships_agent_and_server_but_no_harness(debs: Debs) -> None:
         assert f"{site}/{name}" not in deb.members, name
     assert f"{site}/pymongo/__init__.py" in deb.members
     assert "mosquitto" in deb.field("Depends")
+    if (ROOT / "server/broker/provisioning_guard.c").exists():
+        # Prebuilt: the backend host needs no compiler (broker-config --guard-plugin).
+        plugin = deb.members["/usr/lib/provision-server/provisioning_guard.so"]
+        assert plugin.isfile() and plugin.size > 0
 
 
 def test_units_and_system_user_files(debs: Debs) -> None:
