@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import ssl
 import threading
 import time
@@ -162,6 +163,10 @@ class _Session:
 
     def connect(self, port: int) -> None:
         self.client.connect("127.0.0.1", port, keepalive=60)
+        # As the server does (server/service/mqtt_transport.py): no Nagle delay on replies.
+        sock = self.client.socket()
+        if isinstance(sock, socket.socket):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.client.loop_start()
         self._wait(lambda: self._connack is not None, "CONNACK")
         if self._connack is not None and self._connack.is_failure:

@@ -9,8 +9,10 @@ is lost.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
+import socket
 import ssl
 import threading
 import uuid
@@ -51,6 +53,34 @@ def server_tls_context(ca: CertificateAuthority) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(str(ca.paths.server_client_cert), str(ca.paths.server_client_key))
     return context
+
+
+def _subscribe_options(topic_filter: str) -> SubscribeOptions:
+    """QoS 1; no retained statuses replayed when the server subscribes.
+
+    Mosquitto 2.0.11 sends every retained ``devices/<id>/status`` to each server that
+    subscribes, shared subscription or not: a database write per device of the fleet on
+    every start (100,000 at fleet scale), more than the broker queues for one client.
+    A retained ``online`` is no evidence that the device is alive now anyway. A device
+    whose status changed while no server listened converges through its next heartbeat
+    (``online`` every ``heartbeat_s``) or the offline sweep (docs/performance.md).
+    """
+    if topic_filter == protocol.shared(protocol.SERVER_STATUS_FILTER):
+        return SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+    return SubscribeOptions(qos=1)
+
+
+def _no_delay(client: mqtt.Client) -> None:
+    """TCP_NODELAY on the broker connection (paho leaves Nagle's algorithm on).
+
+    With Nagle, a small response written while an earlier segment waits for its
+    (delayed) ACK sits up to 40 ms: two of those per request/response on a device's
+    path doubled the first-boot time (docs/performance.md).
+    """
+    sock = client.socket()
+    if isinstance(sock, socket.socket):  # ssl.SSLSocket included
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class ProvisioningServer:
@@ -110,7 +140,8 @@ class ProvisioningServer:
         if reason.is_failure:
             log.error("event=broker-connect result=%s", reason)
             return
-        client.subscribe([(f, SubscribeOptions(qos=1)) for f in FILTERS])
+        _no_delay(client)
+        client.subscribe([(f, _subscribe_options(f)) for f in FILTERS])
         self._connected.set()
         log.info(
             "event=broker-connect result=ok broker=%s:%d", self.endpoint.host, self.endpoint.port

@@ -384,15 +384,9 @@ class ProvisioningService:
 
     def sweep_silent_devices(self) -> int:
         """ACTIVE devices silent past the offline timeout become OFFLINE."""
-        cutoff = utcnow() - self.policy.offline_timeout
-        result = self.database.call(
-            lambda: self.devices.collection.update_many(
-                {"status": DeviceStatus.ACTIVE.value, "lastSeenAt": {"$lt": cutoff}},
-                {"$set": {"status": DeviceStatus.OFFLINE.value}},
-            )
-        )
-        if result.modified_count:
+        modified = self.devices.mark_silent_offline(utcnow() - self.policy.offline_timeout)
+        if modified:
             with self._status_lock:
                 self._last_status_write.clear()
-            log.info("event=sweep offline=%d", result.modified_count)
-        return int(result.modified_count)
+            log.info("event=sweep offline=%d", modified)
+        return modified

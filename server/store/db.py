@@ -130,25 +130,24 @@ class Database:
                     with contextlib.suppress(pymongo.errors.CollectionInvalid):
                         self.db.create_collection(name)
             for spec in INDEXES:
-                label = f"{spec.collection}.{spec.field}{' (unique)' if spec.unique else ''}"
                 if self._has_index(spec):
-                    present.append(label)
+                    present.append(spec.label)
                     continue
                 self.collection(spec.collection).create_index(
-                    [(spec.field, pymongo.ASCENDING)], unique=spec.unique
+                    [(key, pymongo.ASCENDING) for key in spec.keys], unique=spec.unique
                 )
-                created.append(label)
+                created.append(spec.label)
         return IndexReport(tuple(created), tuple(present))
 
     def _has_index(self, spec: IndexSpec) -> bool:
         info = self.collection(spec.collection).index_information()
         for name, index in info.items():
             keys = [key for key, _direction in index["key"]]
-            if keys != [spec.field]:
+            if keys != list(spec.keys):
                 continue
             if bool(index.get("unique", False)) != spec.unique:
                 raise ServerError(
-                    f"index {name!r} on {spec.collection}.{spec.field} exists with "
+                    f"index {name!r} on {spec.collection}.{'+'.join(spec.keys)} exists with "
                     f"unique={bool(index.get('unique', False))}, the web app's schema needs "
                     f"unique={spec.unique}; fix it by hand, this tool never drops indexes"
                 )

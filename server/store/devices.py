@@ -51,6 +51,15 @@ def validate_client_id(client_id: str) -> str:
     return client_id
 
 
+def silent_query(cutoff: datetime) -> Document:
+    """ACTIVE devices last seen before ``cutoff``: bounded by the status+lastSeenAt index.
+
+    Equality on ``status`` then the range on ``lastSeenAt`` (in that key order), so the
+    database reads only the devices that fell silent, whatever the fleet's size.
+    """
+    return {"status": DeviceStatus.ACTIVE.value, "lastSeenAt": {"$lt": cutoff}}
+
+
 class DeviceRepository:
     """The ``devices`` collection: lookups and lifecycle transitions."""
 
@@ -109,6 +118,15 @@ class DeviceRepository:
         return doc
 
     # --- transitions ---------------------------------------------------------
+
+    def mark_silent_offline(self, cutoff: datetime) -> int:
+        """ACTIVE devices not seen since ``cutoff`` become OFFLINE; returns how many."""
+        result = self.database.call(
+            lambda: self.collection.update_many(
+                silent_query(cutoff), {"$set": {"status": DeviceStatus.OFFLINE.value}}
+            )
+        )
+        return int(result.modified_count)
 
     def transition(
         self,

@@ -57,6 +57,16 @@ class IndexSpec:
     collection: str
     field: str
     unique: bool = False
+    then: tuple[str, ...] = ()
+    """Further keys after ``field``: a compound index."""
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (self.field, *self.then)
+
+    @property
+    def label(self) -> str:
+        return f"{self.collection}.{'+'.join(self.keys)}{' (unique)' if self.unique else ''}"
 
 
 INDEXES: Final = (
@@ -64,6 +74,9 @@ INDEXES: Final = (
     IndexSpec(DEVICES, "clientId", unique=True),
     IndexSpec(DEVICES, "userId"),
     IndexSpec(DEVICES, "status"),
+    # Ours, not the web app's: the offline sweep's {status: ACTIVE, lastSeenAt < cutoff}
+    # then reads only the silent devices, not every ACTIVE device of the fleet.
+    IndexSpec(DEVICES, "status", then=("lastSeenAt",)),
     IndexSpec(DEVICE_ACLS, "device_id", unique=True),
     IndexSpec(DEVICE_ACLS, "user_id"),
     IndexSpec(DEVICE_ACLS, "tier"),

@@ -1,10 +1,14 @@
 """Batched status writes: many devices' online/offline changes in one bulk write.
 
 Status messages are the bulk of the database traffic (every connect, every
-heartbeat past the throttle, and the broker's replay of every retained status
-when a server subscribes). Each change is still guarded by the expected
-status, but they travel to MongoDB as one unordered ``bulk_write`` per
-interval: one round trip for hundreds of devices (design.md §7).
+heartbeat past the throttle). Each change is still guarded by the expected
+status, but they travel to MongoDB as unordered ``bulk_write``s: one round trip
+for up to ``max_batch`` devices (design.md §7).
+
+Group commit, no timer: the writer thread writes as soon as a change arrives;
+the changes that arrive while it is writing form its next bulk. A lone device
+is written at once (no fixed wait on its way to ACTIVE) and a busy server gets
+bulks as large as its database is slow.
 """
 
 from __future__ import annotations
@@ -33,9 +37,8 @@ class StatusChange:
 class StatusBatcher:
     """Collects the latest status change per device and writes them together."""
 
-    def __init__(self, database: Database, interval: float = 0.2, max_batch: int = 100) -> None:
+    def __init__(self, database: Database, max_batch: int = 100) -> None:
         self.database = database
-        self.interval = interval
         self.max_batch = max_batch
         self._pending: dict[str, StatusChange] = {}
         self._lock = threading.Lock()
@@ -49,9 +52,7 @@ class StatusBatcher:
         """Queue a change; a later one for the same device replaces it (latest wins)."""
         with self._lock:
             self._pending[client_id] = change
-            full = len(self._pending) >= self.max_batch * 5
-        if full:
-            self._wake.set()
+        self._wake.set()
 
     def pending_count(self) -> int:
         with self._lock:
@@ -97,13 +98,14 @@ class StatusBatcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(self.interval)
+            self._wake.wait()
             self._wake.clear()
             try:
                 self.flush()
             except DatabaseUnavailable as exc:
                 log.warning("event=status-batch result=retry reason=%r", exc.message[:160])
                 self._stop.wait(1.0)
+                self._wake.set()  # the kept changes are retried without a new arrival
             except Exception:
                 log.exception("event=status-batch result=internal-error")
 
