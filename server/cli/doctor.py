@@ -151,17 +151,16 @@ class ServerDoctor:
                 for name in dict.fromkeys(spec.collection for spec in INDEXES)
             }
             for spec in INDEXES:
-                label = f"{spec.collection}.{spec.field}{' (unique)' if spec.unique else ''}"
                 info = listings[spec.collection]
                 found = [
                     bool(index.get("unique", False))
                     for index in info.values()
-                    if [key for key, _ in index["key"]] == [spec.field]
+                    if [key for key, _ in index["key"]] == list(spec.keys)
                 ]
                 if not found:
-                    missing.append(label)
+                    missing.append(spec.label)
                 elif spec.unique not in found:
-                    wrong.append(label)
+                    wrong.append(spec.label)
         except ServerError as exc:
             return failed("indexes", exc.message)
         if wrong:
