@@ -222,7 +222,7 @@ class ServiceRate:
 
 def measure_service_rate(stack: BenchStack, identities: Sequence[DeviceIdentity]) -> ServiceRate:
     """Token, CSR and online for each device through ``ProvisioningService`` directly."""
-    database = Database(stack.mongodb_uri)
+    database = Database(stack.server_uri)
     service = ProvisioningService(database, stack.ca, ServicePolicy(status_write_interval=0.0))
     online = b'{"v":1,"status":"online"}'
     _COUNTER.thread, _COUNTER.count = threading.get_ident(), 0

@@ -13,13 +13,16 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Final
 
+from bench.db_proxy import LatencyProxy
+from bench.fleet_prefill import bench_listener_conf
 from bench.lightweight_device import DeviceIdentity
 from harness.local_broker import start_local_broker
-from harness.local_services import MongoWireServer, MosquittoBroker
+from harness.local_services import MongoWireServer, MosquittoBroker, free_port
 from server.broker.mosquitto_conf import BrokerLayout
 from server.pki.ca import CertificateAuthority
 from server.store.db import Database
@@ -68,12 +71,33 @@ def _with_database(uri: str, name: str) -> str:
     return urllib.parse.urlunsplit(urllib.parse.urlsplit(uri)._replace(path="/" + name))
 
 
+@dataclass(frozen=True)
+class ServerStart:
+    """How long new servers took: spawn to connected, then busy after subscribing."""
+
+    connected_s: float
+    busy_s: float
+    """Until their logs stopped growing (the retained-status replay, if any)."""
+
+    @property
+    def total_s(self) -> float:
+        return self.connected_s + self.busy_s
+
+
 class BenchStack:
     """Database (``MONGODB_URI`` or secantusd-py), CA, Mosquitto and server processes."""
 
-    def __init__(self, workdir: Path, progress: Progress) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        progress: Progress,
+        *,
+        db_rtt_ms: float = 0.0,
+        fleet_listener: bool = False,
+    ) -> None:
         self.workdir = workdir
         self.progress = progress
+        self._proxy: LatencyProxy | None = None
         self._mongo: MongoWireServer | None = None
         external = os.environ.get("MONGODB_URI")
         name = f"bench_{uuid.uuid4().hex[:10]}"
@@ -87,11 +111,25 @@ class BenchStack:
             self.mongodb_uri = _with_database(self._mongo.uri, name)
         self.database = Database(self.mongodb_uri)
         self.database.init()
+        # What the servers (and the in-process service measure) use: the database, or the
+        # database behind a latency proxy. The benchmark's own bookkeeping goes direct.
+        self.server_uri = self.mongodb_uri
+        if db_rtt_ms > 0:
+            progress(f"starting a TCP proxy adding {db_rtt_ms:g} ms RTT to the database")
+            self._proxy = LatencyProxy(self.mongodb_uri, db_rtt_ms, workdir / "db-proxy.log")
+            self.server_uri = self._proxy.start().uri
         self.ca = CertificateAuthority.init(workdir / "ca")
         progress("starting mosquitto with generated TLS config")
         self.broker: MosquittoBroker
         self.layout: BrokerLayout
         self.broker, self.layout = start_local_broker(workdir / "broker", self.ca)
+        self.fleet_port: int | None = None
+        if fleet_listener:
+            self.fleet_port = free_port()
+            with self.layout.conf_path.open("a") as conf:
+                conf.write(bench_listener_conf(self.fleet_port))
+            self.broker.ports = (*self.broker.ports, self.fleet_port)
+            self.broker.restart()
         self.servers: list[subprocess.Popen[bytes]] = []
         self._logs: list[Path] = []
         self._registered = 0
@@ -102,24 +140,22 @@ class BenchStack:
     def database_name(self) -> str:
         return self.database.db.name
 
-    def start_servers(self, count: int) -> float:
-        """``count`` ``provision-server run`` processes, subscribed and idle.
-
-        Returns the seconds they spent on the retained status replay after subscribing.
-        """
+    def start_servers(self, count: int) -> ServerStart:
+        """``count`` ``provision-server run`` processes, subscribed and idle."""
+        spawned = time.monotonic()
         exe = Path(sys.executable).with_name("provision-server")
         for _ in range(count):
             log = self.workdir / f"server-{self._started}.log"
             self._started += 1
             argv = [
-                str(exe), "--mongodb-uri", self.mongodb_uri, "run",
+                str(exe), "--mongodb-uri", self.server_uri, "run",
                 "--ca-dir", str(self.ca.paths.directory),
                 "--broker-host", "127.0.0.1", "--broker-port", str(self.layout.server_port),
             ]  # fmt: skip
             # Light devices disconnect once online (no heartbeats), so the server's
             # silence sweep (180 s by default) would turn them OFFLINE mid-run.
             env = os.environ | {
-                "MONGODB_URI": self.mongodb_uri,
+                "MONGODB_URI": self.server_uri,
                 "PROVISION_SERVER_POLICY_OFFLINE_TIMEOUT_S": str(OFFLINE_TIMEOUT_S),
             }
             with log.open("ab") as out:
@@ -133,14 +169,15 @@ class BenchStack:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"provision-server did not come up:\n{self.server_logs()}")
                 time.sleep(0.05)
-        return self._wait_until_quiet()
+        connected = time.monotonic() - spawned
+        return ServerStart(connected, self._wait_until_quiet())
 
     def _wait_until_quiet(self, quiet_s: float = 1.0, timeout: float = 300.0) -> float:
-        """Seconds until the new servers' logs stop growing.
+        """Seconds until the new servers' logs stop growing (0.3 s at least: the SUBACK).
 
-        On subscribing, every server is sent every retained ``devices/+/status`` message
-        (Mosquitto 2.0.11 does so for shared subscriptions too) and handles each one; a
-        timed run must not start while that replay still occupies them.
+        Servers no longer take the broker's retained statuses when they subscribe
+        (retain handling "do not send"); a server that did would show its replay here,
+        and a timed run must not start while anything still occupies them.
         """
         started = time.monotonic()
         time.sleep(0.3)  # the SUBACK follows the CONNACK callback
@@ -196,6 +233,8 @@ class BenchStack:
     def close(self) -> None:
         self.stop_servers()
         self.broker.stop()
+        if self._proxy is not None:
+            self._proxy.stop()
         if self.external_db:
             self.database.client.drop_database(self.database_name)
         self.database.close()

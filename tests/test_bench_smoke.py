@@ -26,7 +26,7 @@ def test_bench_small_fleet_reports_every_row_and_all_devices_active(repo_root: P
     assert results["ceiling_per_s"] > 0 and results["e2e_per_s"] > 0
     assert 0 < results["e2e_fraction_of_ceiling"] < 1
     assert len(results["first_boot_samples_s"]) == 3
-    assert results["server_rss_peak_mb"] > 0
+    assert results["e2e_rss_peak_mb"] > 0
     assert results["service_per_s"] > 0 and results["db_commands_per_device"] >= 3
     assert len(results["agent_boot_samples_s"]) == 1 and results["agent_rss_median_mb"] > 5
     p50, p95, p99 = (results[f"latency_to_certificate_p{p}_ms"] for p in (50, 95, 99))
@@ -40,3 +40,22 @@ def test_bench_small_fleet_reports_every_row_and_all_devices_active(repo_root: P
     assert "devices ACTIVE in database" in run.stderr
     assert "20/20" in run.stderr
     assert "[bench " in run.stderr
+
+
+@pytest.mark.slow
+def test_bench_remote_database_and_registered_fleet_options(repo_root: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--devices", "10", "--concurrency", "5",
+         "--first-boot-samples", "2", "--agent-samples", "1", "--no-scaling",
+         "--db-rtt-ms", "5", "--registered", "300", "--json"],
+        cwd=repo_root, capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    report = json.loads(run.stdout)
+    results = report["results"]
+    assert "5 ms RTT" in report["machine"]["database"]
+    assert results["db_rtt_ms"] == 5 and "scaling_ratio" not in results
+    assert results["registered"] == 300 and results["large_active_in_db"] == 10
+    assert results["large_server_start_s"] > 0 and results["large_ratio"] > 0
+    metrics = [row["metric"] for row in report["rows"]]
+    assert any("1 server start with 300 retained statuses" in m for m in metrics), metrics
