@@ -16,6 +16,7 @@ from pymongo.database import Database as MongoDatabase
 from pymongo.monitoring import CommandListener
 
 from server.errors import ConfigError, DatabaseUnavailable, ServerError
+from server.store.group_commit import GroupCommit
 from server.store.schema import INDEXES, WEB_APP_COLLECTIONS, IndexSpec
 
 DEFAULT_DATABASE: Final = "device_provisioning"
@@ -87,12 +88,66 @@ class Database:
         except pymongo.errors.ConfigurationError as exc:
             raise ConfigError(f"MongoDB URI {self.safe_uri!r} is invalid: {exc}") from None
         self.db: MongoDatabase[Document] = self.client[database_name(uri)]
+        self.group: GroupCommit | None = None
+        """Set by ``start_group_commit``: the batched helpers below then share round trips."""
 
     def collection(self, name: str) -> Collection[Document]:
         return self.db[name]
 
     def close(self) -> None:
+        self.stop_group_commit()
         self.client.close()
+
+    # --- operations that requests in flight may share (group commit) ---------------
+
+    def start_group_commit(self) -> GroupCommit:
+        """From now on the batched helpers go through one committer thread."""
+        if self.group is None:
+            self.group = GroupCommit(self.db, self.guard).start()
+        return self.group
+
+    def stop_group_commit(self) -> None:
+        group, self.group = self.group, None
+        if group is not None:
+            group.stop()
+
+    def insert_new(self, name: str, document: Document) -> bool:
+        """Insert ``document``; False (nothing written) if a unique key already exists."""
+        if self.group is not None:
+            return self.group.insert(name, document)
+        try:
+            self.call(lambda: self.collection(name).insert_one(document))
+        except pymongo.errors.DuplicateKeyError:
+            return False
+        return True
+
+    def update_guarded(
+        self,
+        name: str,
+        key: tuple[str, Any],
+        guard: Document,
+        update: Document,
+        proof: tuple[str, Any],
+    ) -> bool:
+        """One update whose filter ``guard`` holds the expected state; True if it matched.
+
+        ``key`` names the document (a unique field and value, also in ``guard``) and
+        ``proof`` a field and value that only this update writes: with group commit
+        they tell, after a bulk, which of its updates matched.
+        """
+        if self.group is not None:
+            return self.group.update(name, key, guard, update, proof)
+        result = self.call(lambda: self.collection(name).update_one(guard, update))
+        return result.matched_count == 1
+
+    def find_by(
+        self, name: str, key: tuple[str, Any], projection: Sequence[str] = ()
+    ) -> Document | None:
+        """The document whose unique ``key`` field has the value (all fields, or those)."""
+        if self.group is not None:
+            return self.group.find(name, key, projection)
+        fields = {key[0]: 1, **dict.fromkeys(projection, 1)} if projection else None
+        return self.call(lambda: self.collection(name).find_one({key[0]: key[1]}, fields))
 
     def ping(self) -> None:
         self.call(lambda: self.client.admin.command("ping"))

@@ -1,0 +1,146 @@
+"""Group commit on a real MongoDB-wire server: shared round trips, one answer per operation."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any
+
+import pytest
+
+from server.errors import DatabaseUnavailable
+from server.store.db import Database, Document
+from server.store.schema import DEVICE_ACLS, DEVICES
+
+
+@pytest.fixture
+def grouped(database: Database) -> Iterator[Database]:
+    database.start_group_commit()
+    try:
+        yield database
+    finally:
+        database.stop_group_commit()
+
+
+def together(calls: list[Callable[[], object]]) -> list[object]:
+    """Run the calls on as many threads, released at once; results (or errors) in order."""
+    start = threading.Barrier(len(calls))
+    results: list[Any] = [None] * len(calls)
+
+    def run(index: int) -> None:
+        start.wait()
+        try:
+            results[index] = calls[index]()
+        except BaseException as exc:  # handed back to the test
+            results[index] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return results
+
+
+def _device(n: int, status: str) -> Document:
+    return {"clientId": f"g-{n:03d}", "macID": f"02:00:00:00:{n >> 8:02X}:{n & 255:02X}",
+            "status": status, "tokenUsed": False}  # fmt: skip
+
+
+def test_concurrent_inserts_share_commands_and_a_duplicate_is_told_apart(
+    grouped: Database,
+) -> None:
+    grouped.collection(DEVICE_ACLS).insert_one({"device_id": "taken", "tier": "1"})
+    docs = [{"device_id": f"acl-{n}", "tier": "1"} for n in range(40)]
+    docs.append({"device_id": "taken", "tier": "2"})
+    results = together([partial(grouped.insert_new, DEVICE_ACLS, d) for d in docs])
+
+    assert results == [True] * 40 + [False]
+    assert grouped.collection(DEVICE_ACLS).count_documents({}) == 41
+    assert grouped.collection(DEVICE_ACLS).find_one({"device_id": "taken"})["tier"] == "1"  # type: ignore[index]
+    group = grouped.group
+    assert group is not None and group.operations == 41
+    assert group.batches < group.operations  # requests in flight shared round trips
+
+
+def test_each_guarded_update_learns_whether_it_matched(grouped: Database) -> None:
+    devices = grouped.collection(DEVICES)
+    devices.insert_many([_device(n, "ALLOCATED" if n % 2 else "UNALLOCATED") for n in range(30)])
+
+    def issue(n: int) -> bool:
+        guard = {"clientId": f"g-{n:03d}", "status": {"$in": ["ALLOCATED", "PROVISIONING"]}}
+        update = {"$set": {"status": "PROVISIONING", "provisioningToken": f"sha256:{n}"}}
+        return grouped.update_guarded(
+            DEVICES, ("clientId", f"g-{n:03d}"), guard, update, ("provisioningToken", f"sha256:{n}")
+        )
+
+    results = together([partial(issue, n) for n in range(30)])
+
+    assert results == [n % 2 == 1 for n in range(30)]
+    assert devices.count_documents({"status": "PROVISIONING"}) == 15
+    assert (
+        devices.count_documents({"status": "UNALLOCATED", "provisioningToken": {"$exists": True}})
+        == 0
+    )
+
+
+def test_two_updates_racing_for_one_guard_have_exactly_one_winner(grouped: Database) -> None:
+    grouped.collection(DEVICES).insert_one(_device(1, "PROVISIONING"))
+
+    def sign(serial: str) -> bool:
+        guard = {"clientId": "g-001", "status": "PROVISIONING", "tokenUsed": False}
+        update = {"$set": {"status": "PROVISIONED", "tokenUsed": True, "certificateSerial": serial}}
+        return grouped.update_guarded(
+            DEVICES, ("clientId", "g-001"), guard, update, ("certificateSerial", serial)
+        )
+
+    for _ in range(5):
+        grouped.collection(DEVICES).update_one(
+            {"clientId": "g-001"}, {"$set": {"status": "PROVISIONING", "tokenUsed": False}}
+        )
+        results = together([partial(sign, s) for s in ("AA01", "BB02", "CC03")])
+        assert sorted(results, key=str) == [False, False, True]
+        winner = ("AA01", "BB02", "CC03")[results.index(True)]
+        stored = grouped.collection(DEVICES).find_one({"clientId": "g-001"})
+        assert stored is not None and stored["certificateSerial"] == winner
+
+
+def test_lookups_by_a_unique_key_are_answered_each_with_its_document(grouped: Database) -> None:
+    grouped.collection(DEVICES).insert_many([_device(n, "ACTIVE") for n in range(10)])
+    keys = [f"g-{n:03d}" for n in range(10)] + ["g-404"]
+    results = together(
+        [partial(grouped.find_by, DEVICES, ("clientId", k), ["status"]) for k in keys]
+    )
+    for key, found in zip(keys[:10], results[:10], strict=True):
+        assert isinstance(found, dict) and found["clientId"] == key and found["status"] == "ACTIVE"
+        assert "macID" not in found
+    assert results[10] is None
+
+
+def test_without_a_committer_the_same_helpers_answer_the_same(database: Database) -> None:
+    database.collection(DEVICES).insert_one(_device(7, "ALLOCATED"))
+    assert database.insert_new(DEVICES, _device(8, "ALLOCATED"))
+    assert not database.insert_new(DEVICES, _device(8, "ALLOCATED"))
+    guard = {"clientId": "g-007", "status": "ALLOCATED"}
+    update = {"$set": {"status": "PROVISIONING", "provisioningToken": "sha256:x"}}
+    key, proof = ("clientId", "g-007"), ("provisioningToken", "sha256:x")
+    assert database.update_guarded(DEVICES, key, guard, update, proof)
+    assert not database.update_guarded(DEVICES, key, guard, update, proof)
+    assert database.find_by(DEVICES, key, ["status"]) == {
+        "_id": database.collection(DEVICES).find_one({"clientId": "g-007"})["_id"],  # type: ignore[index]
+        "clientId": "g-007",
+        "status": "PROVISIONING",
+    }
+
+
+def test_an_unreachable_database_is_unavailable_to_every_waiting_request() -> None:
+    database = Database("mongodb://127.0.0.1:9/nowhere?retryWrites=false", timeout_ms=300)
+    database.start_group_commit()
+    try:
+        results = together(
+            [partial(database.insert_new, DEVICE_ACLS, {"device_id": f"x{n}"}) for n in range(5)]
+        )
+    finally:
+        database.close()
+    assert all(isinstance(r, DatabaseUnavailable) for r in results), results
