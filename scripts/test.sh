@@ -7,4 +7,12 @@ echo "== ruff"; .venv/bin/ruff check . && .venv/bin/ruff format --check .
 echo "== mypy --strict"; .venv/bin/mypy
 # The Debian packages (tests/test_debs.py checks them, lintian included).
 echo "== debs"; bash scripts/build-debs.sh --no-lintian
+# tests/test_deployed_backend.py boots a Debian 12 container (mmdebstrap, systemd-nspawn).
+if ! command -v mmdebstrap >/dev/null 2>&1 || ! command -v systemd-nspawn >/dev/null 2>&1; then
+    echo "test: apt-get install mmdebstrap systemd-container"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q --no-install-recommends mmdebstrap systemd-container >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null
+             apt-get install -y -q --no-install-recommends mmdebstrap systemd-container >/dev/null; }
+fi
 echo "== pytest"; .venv/bin/pytest "$@"

@@ -333,3 +333,43 @@ def test_lintian_is_clean(debs: Debs) -> None:
             lines = block.strip().splitlines()
             if any(not line.startswith("#") for line in lines):
                 assert lines[0].startswith("#"), f"{package}: override without a reason: {block}"
+
+
+@pytest.mark.slow
+def test_agent_package_installs_on_debian_12_with_user_directory_and_units(
+    debs: Debs, tmp_path: Path
+) -> None:
+    """dpkg -i in a Debian 12 root file system (as an image build does), then purge."""
+    from harness.deployed_backend import ensure_rootfs_tarball
+
+    assert os.geteuid() == 0, "chroot needs root (CI runs as root)"
+    root = tmp_path / "root"
+    root.mkdir()
+    tarball = ensure_rootfs_tarball(tmp_path / "mmdebstrap.log")
+    subprocess.run(["tar", "-C", root, "-xf", tarball], check=True, timeout=300)
+    shutil.copy(debs.agent.path, root / "tmp" / "agent.deb")
+
+    def chroot(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["chroot", str(root), *argv], env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    installed = chroot("dpkg", "-i", "/tmp/agent.deb")
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    user = chroot("getent", "passwd", "provision-agent").stdout.split(":")
+    assert user[0] == "provision-agent" and user[6].strip() == "/usr/sbin/nologin"
+    config_dir = (root / "etc/provision-agent").stat()
+    assert stat.S_IMODE(config_dir.st_mode) == 0o700
+    assert config_dir.st_uid == int(user[2]) and config_dir.st_gid == int(user[3])
+    wants = root / "etc/systemd/system/multi-user.target.wants"
+    for unit in ("provision-agent.service", "provision-factory-console.service"):
+        assert os.readlink(wants / unit) == f"/lib/systemd/system/{unit}"
+    helped = chroot("provision-agent", "--help")  # Debian's python3 + the bundle, in place
+    assert helped.returncode == 0 and "Usage: provision-agent" in helped.stdout, helped.stderr
+    assert list((root / "usr/lib/provision-agent").rglob("*.pyc"))  # compiled at install
+    purged = chroot("dpkg", "--purge", "provision-agent")
+    assert purged.returncode == 0, purged.stdout + purged.stderr
+    assert not (root / "usr/lib/provision-agent").exists()
+    assert not (root / "etc/provision-agent").exists()
+    assert not (wants / "provision-agent.service").exists()
