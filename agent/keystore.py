@@ -57,6 +57,10 @@ class KeyStore(Protocol):
         """A PEM CSR for ``client_id``/``mac`` signed by the key in ``slot``."""
         ...
 
+    def sign(self, slot: str, data: bytes) -> bytes:
+        """ECDSA/SHA-256 signature (DER) of ``data`` by ``slot``'s key (proof of possession)."""
+        ...
+
 
 def build_csr(key: ec.EllipticCurvePrivateKey, client_id: str, mac: str) -> bytes:
     """CSR with subject exactly ``CN=<client_id>``, one SAN URI ``urn:dev:mac:…``, SHA-256.
@@ -214,3 +218,6 @@ class FileKeyStore:
 
     def build_csr(self, slot: str, client_id: str, mac: str) -> bytes:
         return build_csr(self.load_private(slot), client_id, mac)
+
+    def sign(self, slot: str, data: bytes) -> bytes:
+        return self.load_private(slot).sign(data, ec.ECDSA(hashes.SHA256()))

@@ -41,6 +41,11 @@ class ErrorCode(str, Enum):
     TOKEN_EXPIRED = "TOKEN_EXPIRED"  # noqa: S105 (an error code)
     CSR_INVALID = "CSR_INVALID"
     WRONG_STATE = "WRONG_STATE"
+    WRONG_TOPIC = "WRONG_TOPIC"
+    REPROVISION_NOT_APPROVED = "REPROVISION_NOT_APPROVED"
+    CLONE_SUSPECTED = "CLONE_SUSPECTED"
+    QUARANTINED = "QUARANTINED"
+    PROOF_INVALID = "PROOF_INVALID"
     RATE_LIMITED = "RATE_LIMITED"
     UNAVAILABLE = "UNAVAILABLE"
     INTERNAL = "INTERNAL"
@@ -51,7 +56,14 @@ class ErrorCode(str, Enum):
 
 
 _RETRYABLE: Final = frozenset(
-    {ErrorCode.NOT_ALLOCATED, ErrorCode.RATE_LIMITED, ErrorCode.UNAVAILABLE, ErrorCode.INTERNAL}
+    {
+        ErrorCode.NOT_ALLOCATED,
+        ErrorCode.REPROVISION_NOT_APPROVED,
+        ErrorCode.CLONE_SUSPECTED,
+        ErrorCode.RATE_LIMITED,
+        ErrorCode.UNAVAILABLE,
+        ErrorCode.INTERNAL,
+    }
 )
 
 
@@ -102,6 +114,19 @@ SERVER_STATUS_FILTER: Final = f"{DEVICES_PREFIX}/+/status"
 SERVER_RENEW_FILTER: Final = f"{DEVICES_PREFIX}/+/cert/renew"
 
 
+class RequestChannel(str, Enum):
+    """The topic a request came on; each op belongs to exactly one (else WRONG_TOPIC)."""
+
+    PROVISIONING = "provisioning"  # provisioning/<id>/request, birth certificate
+    RENEWAL = "renewal"  # devices/<id>/cert/renew, operational certificate
+
+
+OPS_BY_CHANNEL: Final = {
+    RequestChannel.PROVISIONING: frozenset({"token", "csr"}),
+    RequestChannel.RENEWAL: frozenset({"renew", "renew-confirm"}),
+}
+
+
 def client_id_from_topic(topic: str) -> str:
     """The clientId segment of a per-device topic (``<prefix>/<clientId>/...``)."""
     parts = topic.split("/")
@@ -137,8 +162,23 @@ class RenewRequest:
 
 @dataclass(frozen=True)
 class RenewConfirm:
+    """``signature``: base64 of the new key's signature over ``renewal_proof_message``."""
+
     serial: str
+    signature: str
     op: Literal["renew-confirm"] = "renew-confirm"
+
+
+RENEWAL_PROOF_LABEL: Final = "device-provisioning renew-confirm v1"
+
+
+def renewal_proof_message(client_id: str, serial: str, nonce: str) -> bytes:
+    """What a device signs with its NEW key to confirm a renewal (the server checks it).
+
+    The nonce comes from the ``renew`` response; binding clientId and serial keeps a
+    signature from being replayed for another device or certificate.
+    """
+    return "\n".join((RENEWAL_PROOF_LABEL, client_id, serial, nonce)).encode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -155,7 +195,7 @@ _FIELDS: Final[dict[str, dict[str, int]]] = {
     "token": {"mac": 17, "cert": MAX_PEM_CHARS},
     "csr": {"token": 128, "csr": MAX_PEM_CHARS},
     "renew": {"csr": MAX_PEM_CHARS},
-    "renew-confirm": {"serial": 64},
+    "renew-confirm": {"serial": 64, "signature": 1024},
 }
 
 
@@ -167,8 +207,12 @@ def _load_object(payload: bytes) -> dict[str, Any]:
         )
     try:
         obj = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"payload is not UTF-8 JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers UnicodeDecodeError, JSONDecodeError and an integer past
+        # Python's 4,300-digit conversion limit (``"v": 5000 digits``).
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"payload is not UTF-8 JSON: {str(exc)[:120]}"
+        ) from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "payload must be a JSON object")
     version = obj.get("v")
@@ -231,7 +275,7 @@ def parse_request(payload: bytes) -> Request:
         return CsrRequest(token=fields["token"], csr=fields["csr"])
     if op == "renew":
         return RenewRequest(csr=fields["csr"])
-    return RenewConfirm(serial=fields["serial"])
+    return RenewConfirm(serial=fields["serial"], signature=fields["signature"])
 
 
 def parse_status(payload: bytes) -> StatusReport:

@@ -77,12 +77,18 @@ def _spki(key: Any) -> bytes:
 
 
 def store_certificate(
-    certs: CertificateStore, keystore: FileKeyStore, slot: str, client_id: str, issued: IssuedCert
+    certs: CertificateStore,
+    keystore: FileKeyStore,
+    slot: str,
+    client_id: str,
+    issued: IssuedCert,
+    extra_meta: dict[str, Any] | None = None,
 ) -> int:
     """Stage ``issued`` with the key in ``slot``; return its version (an existing one on retry).
 
     The certificate must be for our key and our clientId: a server bug must not
-    leave the device with a certificate it cannot use.
+    leave the device with a certificate it cannot use. ``extra_meta`` goes into the
+    version's metadata (a renewal's ``confirm_nonce``).
     """
     try:
         cert = x509.load_pem_x509_certificate(issued.certificate.encode())
@@ -105,6 +111,7 @@ def store_certificate(
         "not_before": cert.not_valid_before_utc.timestamp(),
         "not_after": cert.not_valid_after_utc.timestamp(),
         "fingerprint": hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest(),
+        **(extra_meta or {}),
     }
     return certs.stage(
         issued.certificate.encode(),

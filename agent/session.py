@@ -6,9 +6,10 @@ unclean loss) and on a clean stop (the will is not sent on a clean DISCONNECT).
 
 Renewal at ``renew_fraction`` of the certificate's life: a fresh key in a new
 slot, a CSR on ``devices/<id>/cert/renew``, the new certificate staged (not
-live), the old session closed cleanly, a new session opened with the new
-certificate, ``renew-confirm`` sent over it, and only then is the new version
-made live. If the new certificate does not connect, the old one (still live)
+live) with the server's nonce, the old session closed cleanly, a new session
+opened with the new certificate, ``renew-confirm`` sent over it with the new
+key's signature over the nonce (proof of possession), and only then is the new
+version made live. If the new certificate does not connect, the old one (still live)
 is used again and the renewal is retried later.
 
 A TLS refusal of the live certificate (revoked, expired, unknown CA) ends the
@@ -22,6 +23,7 @@ session (``SessionOutcome.RESTART``) so the runner can restart without it.
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from datetime import datetime, timezone
@@ -232,8 +234,15 @@ class OperationalSession:
                 if response.error is not None:
                     raise ProvisioningRejected(response.error)
                 issued = parse_issued(response.fields)
+                nonce = response.fields.get("nonce")
                 version = store_certificate(
-                    self.context.certs, keystore, record.key_slot, self.client_id, issued
+                    self.context.certs,
+                    keystore,
+                    record.key_slot,
+                    self.client_id,
+                    issued,
+                    # Kept with the version: the confirm may come after a restart.
+                    {"confirm_nonce": nonce} if isinstance(nonce, str) else None,
                 )
                 record = self.context.states.update(record, renew_version=version)
         except ProvisioningRejected as exc:
@@ -256,7 +265,8 @@ class OperationalSession:
         """Connect with the staged certificate, confirm it, make it live."""
         version = record.renew_version
         assert version is not None
-        serial = str(self.context.certs.meta(version).get("serial"))
+        meta = self.context.certs.meta(version)
+        serial = str(meta.get("serial"))
         try:
             link = self._connect(version)
         except LinkError as exc:
@@ -266,22 +276,32 @@ class OperationalSession:
                 self._renew_failed(record, ErrorCode.UNAVAILABLE, exc.message)
             return None, record
         try:
+            confirm = {
+                "op": "renew-confirm",
+                "serial": serial,
+                "signature": self._proof(record, meta, serial),
+            }
             raw = link.request(
                 protocol.renew_topic(self.client_id),
-                protocol.encode({"op": "renew-confirm", "serial": serial}),
+                protocol.encode(confirm),
                 protocol.renew_response_topic(self.client_id),
                 self.context.timing.request_timeout_s,
             )
-            response = protocol.parse_response(raw)
-            if response.error is not None:
-                log.warning(
-                    "%s",
-                    format_fields(event="renew_confirm_refused", error=str(response.error)),
-                )
-        except LinkError as exc:
-            # The new certificate works; the server learns the serial from the next confirm
-            # or from the connection itself. Not a reason to keep the old one live.
+        except AgentError as exc:  # the link dropped, or the new key is unreadable
             log.warning("%s", format_fields(event="renew_confirm_failed", error=exc.message))
+            link.close()
+            self._renew_failed(record, ErrorCode.UNAVAILABLE, exc.message)
+            return None, record  # confirmed later: the old certificate stays live until then
+        response = protocol.parse_response(raw)
+        if response.error is not None:
+            # Only a confirmed certificate is the server's current one: one used without
+            # confirmation would be revoked by the next renewal. Retry later, or drop it
+            # (a refusal that will not change) and renew with a fresh key.
+            log.warning(
+                "%s", format_fields(event="renew_confirm_refused", error=str(response.error))
+            )
+            link.close()
+            return None, self._renew_failed(record, response.error.code, response.error.message)
         self.context.certs.activate(version)
         slot = record.key_slot
         record = self.context.states.transition(
@@ -301,6 +321,14 @@ class OperationalSession:
         self._next_renew_try = 0.0
         self._renewed = True
         return link, record
+
+    def _proof(self, record: StateRecord, meta: dict[str, Any], serial: str) -> str:
+        """The new key's signature over the server's nonce: proves we hold that key."""
+        slot = record.key_slot or str(meta.get("key_slot"))
+        message = protocol.renewal_proof_message(
+            self.client_id, serial, str(meta.get("confirm_nonce", ""))
+        )
+        return base64.b64encode(self._keystore().sign(slot, message)).decode("ascii")
 
     def _renew_failed(self, record: StateRecord, code: ErrorCode, message: str) -> StateRecord:
         delay = self.renew_backoff.next_delay()

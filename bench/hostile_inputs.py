@@ -10,6 +10,7 @@ message is never generated: an ``online`` would be a legitimate write.
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 from collections.abc import Callable
@@ -268,9 +269,11 @@ class MessageFactory:
         serial = self.rng.choice(
             [self.m.serial, "00", "f" * 64, self.rng.randbytes(16).hex(), "-1", "g" * 10]
         )
-        return self._out(
-            "renew-confirm", Channel.RENEW, {"v": 1, "op": "renew-confirm", "serial": serial}
+        signature = self.rng.choice(
+            [base64.b64encode(self.rng.randbytes(71)).decode(), "AAAA", "not base64!", "=" * 8]
         )
+        body = {"v": 1, "op": "renew-confirm", "serial": serial, "signature": signature}
+        return self._out("renew-confirm", Channel.RENEW, body)
 
     def status_garbage(self) -> Hostile:
         body = self.rng.choice(

@@ -14,6 +14,10 @@ Keys (all optional; section.key):
     policy.not_allocated_retry_s 60
     policy.offline_timeout_s     180  (an ACTIVE device silent this long becomes OFFLINE)
     policy.status_write_interval_s     30  (heartbeat writes per device, at most)
+    policy.reprovision           "approval" | "offline" | "always" (docs/server.md)
+    policy.reprovision_offline_after_s 3600 (policy "offline": OFFLINE this long)
+    policy.reprovision_retry_s   60   (retryAfter of REPROVISION_NOT_APPROVED)
+    policy.renew_min_interval_s  60   (a device gets at most one certificate per interval)
     service.workers              4
     metrics.port                 none (no metrics); `run --metrics-port` serves Prometheus
                                  metrics on http://<metrics.host>:<port>/metrics
@@ -43,6 +47,8 @@ from server.errors import ConfigError
 
 ENV_PREFIX: Final = "PROVISION_SERVER_"
 PASSPHRASE_BYTES: Final = 32
+# server.service.policy.ReprovisionPolicy's values (config does not import the service).
+REPROVISION_POLICIES: Final = ("approval", "offline", "always")
 
 
 def read_passphrase(path: Path | None) -> bytes | None:
@@ -98,9 +104,20 @@ class ServerConfig:
     not_allocated_retry_s: float = 60.0
     offline_timeout_s: float = 180.0
     status_write_interval_s: float = 30.0
+    reprovision: str = "approval"
+    reprovision_offline_after_s: float = 3600.0
+    reprovision_retry_s: float = 60.0
+    renew_min_interval_s: float = 60.0
     workers: int = 4
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        if self.reprovision not in REPROVISION_POLICIES:
+            raise ConfigError(
+                f"policy.reprovision: expected one of {', '.join(REPROVISION_POLICIES)}, "
+                f"got {self.reprovision!r}"
+            )
 
     def ca_passphrase(self) -> bytes | None:
         return read_passphrase(self.ca_passphrase_file)
@@ -120,6 +137,10 @@ _KEYS: Final = {
     ("policy", "not_allocated_retry_s"): "not_allocated_retry_s",
     ("policy", "offline_timeout_s"): "offline_timeout_s",
     ("policy", "status_write_interval_s"): "status_write_interval_s",
+    ("policy", "reprovision"): "reprovision",
+    ("policy", "reprovision_offline_after_s"): "reprovision_offline_after_s",
+    ("policy", "reprovision_retry_s"): "reprovision_retry_s",
+    ("policy", "renew_min_interval_s"): "renew_min_interval_s",
     ("service", "workers"): "workers",
     ("metrics", "port"): "metrics_port",
     ("metrics", "host"): "metrics_host",

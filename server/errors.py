@@ -76,6 +76,30 @@ class CsrInvalid(ServerError):
     code = ErrorCode.CSR_INVALID
 
 
+class ReprovisionNotApproved(ServerError):
+    """A provisioned device asks to start again and the policy wants an operator first."""
+
+    code = ErrorCode.REPROVISION_NOT_APPROVED
+
+
+class CloneSuspected(ServerError):
+    """A birth-certificate request for a device whose operational session is live."""
+
+    code = ErrorCode.CLONE_SUSPECTED
+
+
+class Quarantined(ServerError):
+    """The birth certificate presented is revoked."""
+
+    code = ErrorCode.QUARANTINED
+
+
+class ProofInvalid(ServerError):
+    """``renew-confirm`` is not signed by the pending certificate's key."""
+
+    code = ErrorCode.PROOF_INVALID
+
+
 class CaError(ServerError):
     """CA material is missing, unreadable, or would be overwritten."""
 

@@ -26,6 +26,7 @@ class DeviceKit:
 
     def __post_init__(self) -> None:
         cert = self.ca.sign_birth_certificate(self.birth_key.public_key(), self.client_id, self.mac)
+        self.birth_cert = cert
         self.birth_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
 
     def csr(self) -> str:

@@ -125,14 +125,21 @@ class MqttDevice:
         props = publish_properties(response_topic, correlation)
         self.client.publish(topic, payload, qos=1, properties=props)
 
-    def request(self, payload: bytes, timeout: float = 10.0) -> dict[str, Any]:
-        """Publish on the own request topic and wait for the matching response."""
+    def request(
+        self,
+        payload: bytes,
+        timeout: float = 10.0,
+        *,
+        topic: str | None = None,
+        reply_to: str | None = None,
+    ) -> dict[str, Any]:
+        """Publish on ``topic`` (default: the own request topic) and wait for the answer."""
         correlation = os.urandom(8)
         self.publish(
-            protocol.request_topic(self.client_id),
+            topic or protocol.request_topic(self.client_id),
             payload,
             correlation=correlation,
-            response_topic=protocol.response_topic(self.client_id),
+            response_topic=reply_to or protocol.response_topic(self.client_id),
         )
         while True:
             got, body = self.responses.get(timeout=timeout)

@@ -30,10 +30,10 @@ from agent.runner import certs_dir
 from agent.storage import CertificateStore
 from server.broker.acl_sync import AclSync
 from server.pki.ca import CLOCK_SKEW, CertificateAuthority
+from server.service.device_control import approve_reprovision, revoke_device
 from server.service.mqtt_transport import BrokerEndpoint, ProvisioningServer
 from server.service.policy import ServicePolicy
 from server.service.provisioning import ProvisioningService
-from server.store.certificates import CertificateRecords
 from server.store.db import Database, Document
 from server.store.devices import DeviceRepository
 from server.store.schema import (
@@ -105,6 +105,8 @@ def fleet_factory(
         policy = ServicePolicy(
             certificate_validity=validity,
             not_allocated_retry_after=0.3,
+            reprovision_retry_after=0.3,
+            renew_min_interval=1.0,
             status_write_interval=0.0,
         )
         service = ProvisioningService(database, ca, policy)
@@ -357,7 +359,12 @@ def test_revoked_certificate_leads_to_reprovisioning(
     agent.start()
     first = agent.wait_state("ACTIVE")["cert_serial"]
     assert_converged(fleet, agent)
-    CertificateRecords(fleet.database).revoke_current(CLIENT_ID, "key compromise")
+    revoke_device(fleet.database, CLIENT_ID, "key compromise")
+    # Refused by the broker, the agent asks for a token with its birth certificate and
+    # waits: a device that was in service re-provisions only once an operator approves.
+    wait_for(lambda: "REPROVISION_NOT_APPROVED" in agent.log_text(), 30, "the agent to be refused")
+    assert agent.state().get("cert_serial") == first
+    approve_reprovision(fleet.database, CLIENT_ID, offline_timeout=timedelta(seconds=180))
     wait_for(
         lambda: (
             agent.state().get("cert_serial") not in (None, first)

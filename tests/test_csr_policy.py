@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -204,3 +206,25 @@ def test_policy_limits_are_configurable() -> None:
     assert relaxed.check(pem, client_id=CLIENT_ID, mac=MAC).public_key is not None
     with pytest.raises(CsrInvalid, match="the limit is 100"):
         CsrPolicy(max_pem_bytes=100).check(_good(), client_id=CLIENT_ID, mac=MAC)
+
+
+def test_sha1_signed_csr_is_refused_for_its_hash_not_as_a_bad_signature(tmp_path: Path) -> None:
+    """cryptography cannot make a SHA-1 CSR any more; OpenSSL still can (an old device)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    key_path = tmp_path / "key.pem"
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    made = subprocess.run(
+        ["openssl", "req", "-new", "-sha1", "-key", str(key_path), "-subj", f"/CN={CLIENT_ID}",
+         "-addext", f"subjectAltName=URI:{mac_uri(MAC)}"],
+        capture_output=True, check=True, timeout=30,
+    )  # fmt: skip
+    algorithm = x509.load_pem_x509_csr(made.stdout).signature_hash_algorithm
+    assert algorithm is not None and algorithm.name == "sha1"
+    with pytest.raises(CsrInvalid, match="signed with SHA1; sign it with SHA-256"):
+        CsrPolicy().check(made.stdout, client_id=CLIENT_ID, mac=MAC)

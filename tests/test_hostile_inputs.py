@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,7 @@ def test_hostile_messages_change_nothing_and_the_server_survives(
     print(report.broker, report.direct.codes, report.direct.seconds)
     assert report.broker.sent + report.direct.sent == 10_000
     assert report.failures() == [], f"seed {SEED}"
+    assert_audit_clean(mongodb_uri)
     assert memory_growth_mb(report.broker.rss_samples) < 20
 
 
@@ -109,3 +112,15 @@ def test_churn_ends_with_every_status_matching_the_connection(
     assert {"connect", "clean", "will", "drop"} <= set(outcome.actions)
     assert 0 < outcome.connected_at_end < 100
     assert outcome.failures() == [], f"seed {SEED}"
+    assert_audit_clean(mongodb_uri)
+
+
+def assert_audit_clean(mongodb_uri: str) -> None:
+    """`provision-server audit` (the real CLI, as an operator runs it) finds no exception."""
+    audit = subprocess.run(
+        [str(Path(sys.executable).with_name("provision-server")), "--mongodb-uri", mongodb_uri,
+         "audit"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    assert "audit clean" in audit.stdout

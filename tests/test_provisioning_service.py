@@ -17,10 +17,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from server.pki.ca import CertificateAuthority
+from server.service.device_control import approve_reprovision
 from server.service.policy import ServicePolicy
 from server.service.provisioning import ProvisioningService
+from server.store.audit import audit
 from server.store.db import Database
 from server.store.devices import DeviceRepository
+from server.store.issuances import IssuanceLedger
 from server.store.schema import DEVICE_ACLS, DEVICE_CERTIFICATES, DEVICES, USERS
 from tests.dbdump import snapshot
 from tests.device_kit import DeviceKit
@@ -139,6 +142,7 @@ def test_reprovisioning_revokes_the_previous_certificate_and_old_token_replay_fa
     first = provision(service, kit)
     old_request = kit.csr_request(first["token"])
     kit.new_key()
+    approve_reprovision(database, kit.client_id, offline_timeout=timedelta(seconds=180))
     second = provision(service, kit)
     assert second["serial"] != first["serial"]
     revoked = database.collection("certificate_revocations").find_one({"serial": first["serial"]})
@@ -177,7 +181,16 @@ def test_200_concurrent_csrs_with_one_token_make_one_certificate(
     assert all(r["ok"] for r in results), [r for r in results if not r["ok"]][:3]
     assert len({r["certificate"] for r in results}) == 1
     assert database.collection(DEVICE_CERTIFICATES).count_documents({}) == 1
-    assert database.collection("certificate_revocations").count_documents({}) == 0
+    # Requests that lost the race signed too: their certificates never left the server,
+    # and each is in the ledger as superseded and on the revocation list.
+    ledger = IssuanceLedger(database).history(kit.client_id)
+    current = [r["serial"] for r in ledger if r["state"] == "current"]
+    assert current == [results[0]["serial"]]
+    losers = {r["serial"] for r in ledger if r["state"] != "current"}
+    assert all(r["state"] == "superseded" for r in ledger if r["serial"] in losers)
+    revoked = {d["serial"] for d in database.collection("certificate_revocations").find({})}
+    assert revoked == losers
+    assert audit(database).clean
 
 
 def rsa_csr(kit: DeviceKit, bits: int) -> str:

@@ -20,11 +20,14 @@ from click.testing import CliRunner
 from agent.birth import BirthIdentity, Endpoints
 from agent.factory import commands as fc
 from server.pki.ca import CertificateAuthority
+from server.service.device_control import quarantine
 from server.station.cli import main as station_main
 from server.station.config import StationConfig, load_station_config, write_station_config
 from server.station.programmer import BoardProgrammer, BoardResult, Step, StepHook
+from server.store.audit import audit
 from server.store.db import Database
 from server.store.devices import DeviceRepository
+from server.store.issuances import IssuanceLedger
 from server.store.schema import DEVICES
 from tests.serial_pty import LineFaults, LineProxy, open_port
 from tests.test_factory_console import BoardFiles, make_board
@@ -130,6 +133,13 @@ def assert_converged(result: BoardResult, board: BoardFiles, database: Database)
     assert len(records) == 1
     assert records[0]["macID"] == board.mac and records[0]["clientId"] == result.client_id
     assert records[0]["status"] == "UNALLOCATED" and records[0]["tokenUsed"] is False
+    # The birth certificate is in the issuance ledger; one signed for a run that died
+    # before the board got it is revoked (superseded), never left loose.
+    births = IssuanceLedger(database).history(str(result.client_id))
+    current = [r["serial"] for r in births if r["state"] == "current"]
+    assert current == [result.certificate_serial] and births[-1]["kind"] == "birth"
+    assert all(r["state"] == "superseded" for r in births if r["serial"] not in current)
+    assert audit(database).clean
 
 
 def test_program_then_rerun_converges(
@@ -152,6 +162,12 @@ def test_program_then_rerun_converges(
     assert second.certificate_serial == first.certificate_serial
     assert (board.state_dir / "birth" / "cert.pem").read_bytes() == cert_before
     assert_converged(second, board, database)
+    # A quarantined birth certificate is not reused: the board must be re-birthed.
+    quarantine(database, str(first.client_id), "test")
+    with LineProxy() as proxy, board_thread(board, proxy.board_path):
+        third = programmer(station_config, factory_ca, database).program(proxy.station_path)
+    assert not third.ok and third.error is not None and "revoked" in third.error
+    assert "provision-agent reset" in third.error
 
 
 def test_line_noise_is_survived(

@@ -15,6 +15,13 @@ from server.cli.history import device_history_command
 from server.cli.output import DEVICE_HEADERS, device_row, table, to_json
 from server.cli.pki import broker_config, ca
 from server.cli.state import CliState, ServerGroup, pass_state
+from server.cli.trust import (
+    audit_command,
+    device_quarantine,
+    device_release,
+    device_reprovision,
+    device_revoke,
+)
 from server.config import load_server_config
 from server.store.db import DEFAULT_DATABASE
 from server.store.devices import DeviceRepository
@@ -181,33 +188,13 @@ def device_show(state: CliState, device_ref: str, as_json: bool) -> None:
         click.echo(f"{key:22} {value}")
 
 
-@device.command("revoke")
-@click.argument("device_ref", metavar="DEVICE")
-@click.option("--reason", default="revoked by operator", show_default=True)
-@pass_state
-def device_revoke(state: CliState, device_ref: str, reason: str) -> None:
-    """Revoke DEVICE's certificate; the broker refuses it at the next connect.
+for command in (device_revoke, device_reprovision, device_quarantine, device_release):
+    device.add_command(command)
 
-    The device goes to ERROR and may re-provision with its birth certificate.
-    A running `provision-server run` with broker.config_dir set pushes the new
-    CRL and ACL to the broker within seconds.
-    """
-    from server.store.certificates import CertificateRecords
 
-    doc = DeviceRepository(state.database).find(device_ref)
-    serial = CertificateRecords(state.database).revoke_current(doc["clientId"], reason)
-    if serial is None:
-        raise click.ClickException(f"device {doc['clientId']} has no active certificate")
-    DeviceRepository(state.database).transition(
-        doc["clientId"],
-        expected=set(DeviceStatus) - {DeviceStatus.UNALLOCATED},
-        new=DeviceStatus.ERROR,
-        set_fields={"errorMessage": f"certificate {serial} revoked: {reason}"},
-    )
-    OperatorActionLog(state.database).record(
-        OperatorAction.REVOKE, doc["clientId"], state.operator, {"serial": serial, "reason": reason}
-    )
-    click.echo(f"revoked certificate {serial} of {doc['clientId']}")
+# --- audit: server/cli/trust.py ---------------------------------------------
+
+main.add_command(audit_command)
 
 
 device.add_command(device_history_command)  # server/cli/history.py

@@ -26,8 +26,10 @@ class BirthCertificateInvalid(ServerError):
 
 def check_birth_certificate(
     pem: str, factory_ca: x509.Certificate, *, client_id: str, mac: str, now: datetime
-) -> None:
-    """Raise BirthCertificateInvalid or MacMismatch unless ``pem`` is this device's birth cert."""
+) -> x509.Certificate:
+    """The birth certificate in ``pem``; BirthCertificateInvalid or MacMismatch unless it is
+    this device's (whether it is revoked is the caller's question: that needs the database).
+    """
     try:
         cert = x509.load_pem_x509_certificate(pem.encode())
     except (ValueError, x509.InvalidVersion):  # InvalidVersion is not a ValueError
@@ -48,3 +50,4 @@ def check_birth_certificate(
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     if uris != [mac_uri(mac)]:
         raise MacMismatch("the MAC in the request does not match the birth certificate's SAN")
+    return cert

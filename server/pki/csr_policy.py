@@ -35,6 +35,7 @@ _PEM_RE: Final = re.compile(
 )
 _ANY_PEM_BEGIN: Final = b"-----BEGIN "
 # PKCS#9 extensionRequest; cryptography has no named constant for it.
+SIGNATURE_HASHES: Final = frozenset({"sha256", "sha384", "sha512"})
 _EXTENSION_REQUEST: Final = x509.ObjectIdentifier("1.2.840.113549.1.9.14")
 
 
@@ -62,6 +63,7 @@ class CsrPolicy:
             csr = x509.load_pem_x509_csr(data)
         except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
             raise CsrInvalid(f"CSR does not parse: {exc}") from None
+        _check_signature_hash(csr)
         try:
             signature_valid = csr.is_signature_valid
         except (ValueError, UnsupportedAlgorithm) as exc:  # a mangled key fails only here
@@ -96,6 +98,22 @@ class CsrPolicy:
             return key
         raise CsrInvalid(
             f"key type {type(key).__name__.lstrip('_')} is not allowed (use ECDSA P-256)"
+        )
+
+
+def _check_signature_hash(csr: x509.CertificateSigningRequest) -> None:
+    """SHA-256/384/512 only: say so, rather than "does not verify", for SHA-1 or MD5.
+
+    Ed25519 has no separate hash (None); the key check refuses it with its own message.
+    """
+    try:
+        algorithm = csr.signature_hash_algorithm
+    except UnsupportedAlgorithm as exc:
+        raise CsrInvalid(f"CSR signature algorithm is not supported ({exc})") from None
+    if algorithm is not None and algorithm.name not in SIGNATURE_HASHES:
+        raise CsrInvalid(
+            f"CSR is signed with {algorithm.name.upper()}; sign it with SHA-256 "
+            "(SHA-384 and SHA-512 are accepted too)"
         )
 
 

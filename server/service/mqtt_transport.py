@@ -5,6 +5,13 @@ One paho-mqtt v5 client with the server's own identity, shared subscriptions
 Messages are acknowledged only after they are handled (paho's manual ack),
 and SIGTERM unsubscribes first, then drains the queue: no accepted request
 is lost.
+
+A full queue loses nothing. CONNECT announces a Receive Maximum equal to the
+queue's size (MQTT v5 flow control: the broker should keep the rest until we
+acknowledge), and when the queue is full anyway (Mosquitto 2.0.11 was seen a
+few messages past it) the network thread waits for room: back-pressure, the
+socket is not read and the broker holds the messages. Only QoS 0 messages
+(nothing the protocol sends) are dropped when the queue is full.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent import protocol
+from agent.protocol import RequestChannel
 from server.pki.ca import CertificateAuthority
 from server.service.provisioning import ProvisioningService
 
@@ -94,15 +102,18 @@ class ProvisioningServer:
         *,
         workers: int = 4,
         sweep_interval: float = 10.0,
+        queue_limit: int = QUEUE_LIMIT,
     ) -> None:
         self.service = service
         self.endpoint = endpoint
         self.workers = workers
         self.sweep_interval = sweep_interval
-        self._queue: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue(QUEUE_LIMIT)
+        self.queue_limit = queue_limit
+        # Each queue holds queue_limit, which is also the Receive Maximum (module doc).
+        self._queue: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue(queue_limit)
         # Status messages are applied by ONE worker, in arrival order: a device's
         # last will "offline" and its next session's "online" must not race.
-        self._status_queue: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue(QUEUE_LIMIT)
+        self._status_queue: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue(queue_limit)
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -161,12 +172,17 @@ class ProvisioningServer:
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         status = message.topic.startswith("devices/") and message.topic.endswith("/status")
+        target = self._status_queue if status else self._queue
+        if message.qos > 0:
+            # Waiting here is back-pressure: unacknowledged, the message stays the
+            # broker's until it is handled; dropping it would lose it for good (MQTT
+            # redelivers only on a new connection of a persistent session).
+            target.put(message)
+            return
         try:
-            (self._status_queue if status else self._queue).put_nowait(message)
-        except queue.Full:
-            # Not acknowledged: the broker redelivers it if we reconnect; the
-            # device's own timeout and retry cover the rest.
-            log.warning("event=overload dropped topic=%s", message.topic)
+            target.put_nowait(message)
+        except queue.Full:  # QoS 0 has no delivery guarantee to keep
+            log.warning("event=overload dropped topic=%s qos=0", message.topic[:100])
 
     # --- workers -------------------------------------------------------------
 
@@ -191,9 +207,9 @@ class ProvisioningServer:
             self.service.handle_status(client_id, bytes(message.payload))
             return
         if topic == protocol.request_topic(client_id):
-            reply_to = protocol.response_topic(client_id)
+            reply_to, channel = protocol.response_topic(client_id), RequestChannel.PROVISIONING
         elif topic == protocol.renew_topic(client_id):
-            reply_to = protocol.renew_response_topic(client_id)
+            reply_to, channel = protocol.renew_response_topic(client_id), RequestChannel.RENEWAL
         else:
             log.info("event=dropped reason=unknown-topic topic=%r", topic[:100])
             return
@@ -204,7 +220,7 @@ class ProvisioningServer:
         if wanted is not None and wanted != reply_to:
             log.info("event=dropped reason=foreign-response-topic device=%s", client_id)
             return
-        response = self.service.handle_request(client_id, bytes(message.payload))
+        response = self.service.handle_request(client_id, bytes(message.payload), channel)
         out = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
         if correlation is not None:
@@ -233,7 +249,11 @@ class ProvisioningServer:
         self._status_thread.start()
         sweeper = threading.Thread(target=self._sweep, name="sweeper", daemon=True)
         sweeper.start()
-        self.client.connect_async(self.endpoint.host, self.endpoint.port, keepalive=30)
+        connect = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        connect.ReceiveMaximum = min(self.queue_limit, 65_535)
+        self.client.connect_async(
+            self.endpoint.host, self.endpoint.port, keepalive=30, properties=connect
+        )
         self.client.loop_start()
 
     def wait_connected(self, timeout: float) -> bool:

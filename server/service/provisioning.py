@@ -1,10 +1,12 @@
-"""The provisioning service's decisions: token, CSR, renewal and status handling.
+"""The provisioning service's decisions: token, CSR and status handling (renewal: renewal.py).
 
 Transport-free: ``handle_request`` takes the clientId the broker authenticated
-(the topic's segment; the broker's ACL pins it to the certificate's CN) and a
-payload, and returns the response payload. Every database change is an atomic
-update guarded by the expected state, so concurrent servers and duplicate
-requests converge on one certificate.
+(the topic's segment; the broker's ACL pins it to the certificate's CN), the
+channel (topic) the request came on and a payload, and returns the response
+payload. Every database change is an atomic update guarded by the expected
+state, so concurrent servers and duplicate requests converge on one
+certificate. Every certificate is recorded in the issuance ledger before it
+leaves the server, and the one it replaces is revoked.
 """
 
 from __future__ import annotations
@@ -16,21 +18,25 @@ from datetime import datetime
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from agent import protocol
 from agent.protocol import (
+    OPS_BY_CHANNEL,
     CsrRequest,
     ErrorCode,
     ProtocolError,
     RenewConfirm,
     RenewRequest,
+    RequestChannel,
     TokenRequest,
 )
 from server.errors import (
+    CloneSuspected,
     MacMismatch,
     NotAllocated,
+    Quarantined,
     RateLimited,
+    ReprovisionNotApproved,
     ServerError,
     TokenExpired,
     TokenInvalid,
@@ -38,35 +44,30 @@ from server.errors import (
     WrongState,
 )
 from server.pki.birth_check import check_birth_certificate
-from server.pki.ca import CertificateAuthority
+from server.pki.ca import CertificateAuthority, serial_hex
 from server.pki.csr_policy import CsrPolicy
+from server.pki.key_proof import cert_key_matches
 from server.service.metrics import ServerMetrics
-from server.service.policy import HOLDS_CERTIFICATE, ONLINE_FROM, TOKEN_FROM, ServicePolicy
+from server.service.policy import (
+    HOLDS_CERTIFICATE,
+    ONLINE_FROM,
+    REPROVISION_FROM,
+    ReprovisionPolicy,
+    ServicePolicy,
+    recently_heard_left,
+    token_guard,
+)
+from server.service.renewal import Renewals
 from server.service.tokens import TokenIssuer, TokenRateLimiter, token_matches
 from server.store.certificates import CertificateRecords, IssuedCertificate
 from server.store.db import Database, Document
 from server.store.devices import DeviceRepository, utcnow
-from server.store.schema import DEVICE_CERTIFICATES, DeviceStatus
+from server.store.issuances import IssuanceKind, IssuanceLedger, IssuanceState
+from server.store.schema import DeviceStatus
+from server.store.security_events import PROBABLE_CLONE, SecurityEvents
 from server.store.status_writer import StatusBatcher, StatusChange
 
 log = logging.getLogger("provision.server")
-
-
-def public_key_der(key: Any) -> bytes:
-    der: bytes = key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return der
-
-
-def _cert_key_matches(cert_pem: object, public_key: Any) -> bool:
-    if not isinstance(cert_pem, str):
-        return False
-    try:
-        cert = x509.load_pem_x509_certificate(cert_pem.encode())
-    except ValueError:
-        return False
-    return public_key_der(cert.public_key()) == public_key_der(public_key)
 
 
 class ProvisioningService:
@@ -89,6 +90,11 @@ class ProvisioningService:
         self.csr_policy = csr_policy or CsrPolicy()
         self.devices = DeviceRepository(database)
         self.records = CertificateRecords(database)
+        self.ledger = IssuanceLedger(database)
+        self.security_events = SecurityEvents(database)
+        self.renewals = Renewals(
+            database, ca, self.policy, self.csr_policy, self._sign, self._forget_status
+        )
         self.tokens = TokenIssuer(self.policy.token_lifetime)
         self.token_limiter = TokenRateLimiter(self.policy.token_min_interval)
         self._status_lock = threading.Lock()
@@ -96,13 +102,25 @@ class ProvisioningService:
 
     # --- requests ------------------------------------------------------------
 
-    def handle_request(self, client_id: str, payload: bytes) -> bytes:
-        """Answer one provisioning or renewal request; never raises."""
+    def handle_request(
+        self,
+        client_id: str,
+        payload: bytes,
+        channel: RequestChannel = RequestChannel.PROVISIONING,
+    ) -> bytes:
+        """Answer one request that came on ``channel``'s topic; never raises."""
         started = time.monotonic()
         op = "?"
         try:
             request = protocol.parse_request(payload)
             op = request.op
+            if op not in OPS_BY_CHANNEL[channel]:
+                # token/csr only with the birth identity, renew only with the operational
+                # one: the topic (and the broker's per-listener ACL) says which was used.
+                raise ProtocolError(
+                    ErrorCode.WRONG_TOPIC,
+                    f"op {op!r} is not accepted on the {channel.value} topic",
+                )
             fields = self._dispatch(client_id, request)
             log.info(
                 "event=request op=%s device=%s result=ok ms=%.0f",
@@ -135,8 +153,9 @@ class ProvisioningService:
         if isinstance(request, CsrRequest):
             return self.sign_csr(client_id, request)
         if isinstance(request, RenewRequest):
-            return self.renew(client_id, request)
-        return self.confirm_renewal(client_id, request)
+            return self.renewals.renew(client_id, request)
+        assert isinstance(request, RenewConfirm)
+        return self.renewals.confirm(client_id, request)
 
     def _device(self, client_id: str) -> Document:
         doc = self.devices.by_client_id(client_id)
@@ -146,7 +165,7 @@ class ProvisioningService:
 
     def issue_token(self, client_id: str, request: TokenRequest) -> dict[str, Any]:
         now = utcnow()
-        check_birth_certificate(
+        birth = check_birth_certificate(
             request.cert, self.ca.factory_ca, client_id=client_id, mac=request.mac, now=now
         )
         wait = self.token_limiter.wait_time(client_id)
@@ -155,15 +174,13 @@ class ProvisioningService:
                 "a token was issued to this device moments ago; retry later",
                 retry_after=round(wait, 3),
             )
+        if self.records.is_revoked(serial_hex(birth)):
+            raise Quarantined("this birth certificate is revoked (quarantined by an operator)")
         issued = self.tokens.issue(now)
-        # One guarded write, no read first: the filter holds the registered MAC
-        # and every status a token may be issued from; only a refusal is
-        # explained by reading the device.
-        guard = {
-            "clientId": client_id,
-            "macID": request.mac,
-            "status": {"$in": [status.value for status in TOKEN_FROM]},
-        }
+        # One guarded write, no read first: the filter holds the registered MAC and
+        # the statuses (and last heartbeat) the re-provisioning policy accepts; only a
+        # refusal is explained by reading the device.
+        guard = {"clientId": client_id, "macID": request.mac, **token_guard(self.policy, now)}
         update = {
             "$set": {
                 "status": DeviceStatus.PROVISIONING.value,
@@ -175,20 +192,47 @@ class ProvisioningService:
         }
         result = self.database.call(lambda: self.devices.collection.update_one(guard, update))
         if result.matched_count == 0:
-            raise self._token_refusal(client_id, request.mac)
+            raise self._token_refusal(client_id, request.mac, now)
         self.token_limiter.issued(client_id)
+        self._forget_status(client_id)
         return {"token": issued.token, "expiresAt": issued.expires_at.isoformat()}
 
-    def _token_refusal(self, client_id: str, mac: str) -> ServerError:
+    def _token_refusal(self, client_id: str, mac: str, now: datetime) -> ServerError:
         device = self._device(client_id)
+        status = device.get("status")
         if device.get("macID") != mac:
             return MacMismatch("the MAC in the request is not the device's registered MAC")
-        if device.get("status") == DeviceStatus.UNALLOCATED.value:
+        if status == DeviceStatus.UNALLOCATED.value:
             return NotAllocated(
                 "device is not allocated to a user yet; keep waiting",
                 retry_after=self.policy.not_allocated_retry_after,
             )
-        return WrongState(f"device has status {device.get('status')!r}; no token from it")
+        live = recently_heard_left(device, now, self.policy.offline_timeout)
+        if live > 0:
+            # The birth certificate travels in clear in TLS 1.2: somebody else may hold it.
+            log.warning("event=probable-clone device=%s", client_id)
+            self.security_events.record(
+                client_id,
+                PROBABLE_CLONE,
+                f"token request while the device is in service ({status}, heard from lately)",
+            )
+            return CloneSuspected(
+                "this device was online with its operational certificate moments ago; a "
+                "token request with its birth certificate now looks like a clone",
+                retry_after=round(live, 3),
+            )
+        if status in {s.value for s in REPROVISION_FROM}:
+            how = (
+                "an operator must approve it (`provision-server device reprovision`)"
+                if status == DeviceStatus.ERROR.value
+                or self.policy.reprovision is ReprovisionPolicy.APPROVAL
+                else f"policy {self.policy.reprovision.value!r} does not allow it yet"
+            )
+            return ReprovisionNotApproved(
+                f"device is {status} (provisioned before); to provision again {how}",
+                retry_after=self.policy.reprovision_retry_after,
+            )
+        return WrongState(f"device has status {status!r}; no token from it")
 
     def sign_csr(self, client_id: str, request: CsrRequest) -> dict[str, Any]:
         device = self._device(client_id)
@@ -222,15 +266,36 @@ class ProvisioningService:
             "provisioningToken": device["provisioningToken"],
             "tokenUsed": False,
         }
+        reissue = device.get("crt") is not None
+        # In the ledger before it can leave the server (and before it is the device's).
+        self.ledger.record(
+            client_id,
+            cert,
+            IssuanceKind.FIRST,
+            IssuanceState.CURRENT,
+            "re-provisioned" if reissue else "provisioned",
+        )
         result = self.database.call(
             lambda: self.devices.collection.update_one(guard, {"$set": issued_fields})
         )
         if result.matched_count == 0:
-            # Another request with this token won the race: answer with its certificate.
+            # Another request with this token won the race: ours never leaves the server.
+            self.ledger.retire(
+                {"device_id": client_id, "serial": cert.serial, "not_after": cert.expires_at},
+                IssuanceState.SUPERSEDED,
+                "lost a race with another request for the same token",
+            )
             return self._repeat_issued(self._device(client_id), checked.public_key)
         self.records.record_issued(
-            client_id, device.get("userId"), cert, first_certificate=device.get("crt") is None
+            client_id, device.get("userId"), cert, first_certificate=not reissue
         )
+        # Everything else this device held (the certificate it replaces, a pending
+        # renewal) is revoked now.
+        self.ledger.retire_open(
+            client_id, IssuanceState.SUPERSEDED, f"re-provisioned as {cert.serial}",
+            keep=cert.serial,
+        )  # fmt: skip
+        self._forget_status(client_id)
         log.info("event=certificate-issued device=%s serial=%s", client_id, cert.serial)
         return self._certificate_fields(cert.pem, chain, cert.serial, cert.expires_at)
 
@@ -248,7 +313,7 @@ class ProvisioningService:
 
     def _repeat_issued(self, device: Document, public_key: Any) -> dict[str, Any]:
         """Idempotent retry: the same key with the same (used) token gets the same certificate."""
-        if device.get("tokenUsed") is not True or not _cert_key_matches(
+        if device.get("tokenUsed") is not True or not cert_key_matches(
             device.get("crt"), public_key
         ):
             raise TokenInvalid("token was already used; request a new one")
@@ -269,70 +334,6 @@ class ProvisioningService:
             "serial": serial,
             "expiresAt": expires.isoformat(),
         }
-
-    # --- renewal over the operational session ---------------------------------
-
-    def renew(self, client_id: str, request: RenewRequest) -> dict[str, Any]:
-        device = self._device(client_id)
-        status = device.get("status")
-        if status not in {s.value for s in HOLDS_CERTIFICATE}:
-            raise WrongState(f"device is {status!r}; only a provisioned device renews")
-        checked = self.csr_policy.check(request.csr, client_id=client_id, mac=str(device["macID"]))
-        record = self.records.current(client_id) or {}
-        pending = record.get("renewal")
-        if isinstance(pending, dict) and _cert_key_matches(
-            pending.get("certificate"), checked.public_key
-        ):
-            return self._certificate_fields(
-                str(pending["certificate"]),
-                self.ca.device_ca_chain_pem.decode(),
-                str(pending["serial"]),
-                pending["expires_at"],
-            )
-        cert = IssuedCertificate.of(
-            self._sign("renewal", checked.public_key, client_id, str(device["macID"]))
-        )
-        renewal = {
-            "certificate": cert.pem,
-            "serial": cert.serial,
-            "fingerprint": cert.fingerprint,
-            "expires_at": cert.expires_at,
-            "requested_at": utcnow(),
-        }
-        self.database.call(
-            lambda: self.database.collection(DEVICE_CERTIFICATES).update_one(
-                {"device_id": client_id}, {"$set": {"renewal": renewal}}
-            )
-        )
-        log.info("event=renewal-issued device=%s serial=%s", client_id, cert.serial)
-        return self._certificate_fields(
-            cert.pem, self.ca.device_ca_chain_pem.decode(), cert.serial, cert.expires_at
-        )
-
-    def confirm_renewal(self, client_id: str, request: RenewConfirm) -> dict[str, Any]:
-        device = self._device(client_id)
-        if device.get("certificateSerial") == request.serial:
-            return {"serial": request.serial}  # already confirmed (a retry)
-        record = self.records.current(client_id) or {}
-        pending = record.get("renewal")
-        if not isinstance(pending, dict) or pending.get("serial") != request.serial:
-            raise WrongState(f"no pending renewal with serial {request.serial!r}")
-        cert = IssuedCertificate.of(
-            x509.load_pem_x509_certificate(str(pending["certificate"]).encode())
-        )
-        self.devices.transition(
-            client_id,
-            expected=HOLDS_CERTIFICATE,
-            new=DeviceStatus(device["status"]),
-            set_fields={
-                "crt": cert.pem,
-                "certificateSerial": cert.serial,
-                "certificateExpiresAt": cert.expires_at,
-            },
-        )
-        self.records.record_issued(client_id, device.get("userId"), cert, reason="renewed")
-        log.info("event=renewal-confirmed device=%s serial=%s", client_id, cert.serial)
-        return {"serial": cert.serial}
 
     # --- status -----------------------------------------------------------------
 
@@ -355,6 +356,11 @@ class ProvisioningService:
             log.info("event=status device=%s result=ignored reason=%r", client_id, str(exc)[:160])
         except Exception:
             log.exception("event=status device=%s result=internal-error", client_id)
+
+    def _forget_status(self, client_id: str) -> None:
+        """The device's status changed here (token, certificate): its next heartbeat is written."""
+        with self._status_lock:
+            self._last_status_write.pop(client_id, None)
 
     def _online(self, client_id: str) -> None:
         now = time.monotonic()

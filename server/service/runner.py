@@ -13,7 +13,7 @@ from server.config import ServerConfig
 from server.pki.ca import CertificateAuthority
 from server.service.metrics import CrlFile, ServerMetrics
 from server.service.mqtt_transport import BrokerEndpoint, ProvisioningServer
-from server.service.policy import ServicePolicy
+from server.service.policy import ReprovisionPolicy, ServicePolicy
 from server.service.provisioning import ProvisioningService
 from server.store.db import Database
 from server.store.status_writer import StatusBatcher
@@ -38,6 +38,10 @@ def policy_of(config: ServerConfig) -> ServicePolicy:
         not_allocated_retry_after=config.not_allocated_retry_s,
         status_write_interval=config.status_write_interval_s,
         offline_timeout=timedelta(seconds=config.offline_timeout_s),
+        reprovision=ReprovisionPolicy(config.reprovision),
+        reprovision_offline_after=timedelta(seconds=config.reprovision_offline_after_s),
+        reprovision_retry_after=config.reprovision_retry_s,
+        renew_min_interval=config.renew_min_interval_s,
     )
 
 

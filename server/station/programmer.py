@@ -33,6 +33,7 @@ from server.pki.ca import CertificateAuthority, serial_hex
 from server.pki.csr_policy import CsrPolicy
 from server.store.db import Database, Document
 from server.store.devices import DeviceRepository
+from server.store.issuances import IssuanceLedger
 
 
 class Step(str, Enum):
@@ -133,6 +134,7 @@ class BoardProgrammer:
     ) -> None:
         self.ca = ca
         self.registry = DeviceRegistry(database)
+        self.ledger = IssuanceLedger(database)
         self.client_id_for = client_id_for
         self.endpoints_json = endpoints_json
         self.timeout = timeout
@@ -199,6 +201,9 @@ class BoardProgrammer:
         state = info.get("state")
         existing = self._reusable(info, client_id, mac)
         if existing is not None:
+            self._check_not_revoked(existing, client_id)
+            # Boards programmed before the ledger existed get their record now.
+            self.ledger.record_birth(client_id, existing)
             cert, outcome = existing, "already-programmed"
         elif state == IdentityState.FINALIZED.value:
             raise StationError(
@@ -213,6 +218,15 @@ class BoardProgrammer:
         call(Command.FINALIZE, {})
         reached(Step.FINALIZE)
         return outcome
+
+    def _check_not_revoked(self, cert: x509.Certificate, client_id: str) -> None:
+        record = self.ledger.find(serial_hex(cert))
+        if record is not None and record.get("state") in ("revoked", "superseded"):
+            raise StationError(
+                f"the board's birth certificate {serial_hex(cert)} for {client_id!r} is "
+                f"{record.get('state')} ({record.get('state_reason')}); re-birth the board: "
+                "`provision-agent reset` on it (factory reset), then program it again"
+            )
 
     def _reusable(self, info: dict[str, Any], client_id: str, mac: str) -> x509.Certificate | None:
         """The board's committed certificate if it is ours for this clientId and MAC."""
@@ -241,6 +255,9 @@ class BoardProgrammer:
         reached(Step.GEN_KEY)
         checked = self.policy.check(csr, client_id=client_id, mac=mac)
         cert = self.ca.sign_birth_certificate(checked.public_key, client_id, mac)
+        # Recorded before it leaves for the board, so it can be revoked (quarantine);
+        # an older birth certificate of this clientId is revoked now.
+        self.ledger.record_birth(client_id, cert)
         reached(Step.SIGN)
         from cryptography.hazmat.primitives.serialization import Encoding
 

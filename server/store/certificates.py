@@ -52,6 +52,43 @@ class IssuedCertificate:
         )
 
 
+def add_revocation(
+    database: Database,
+    client_id: str,
+    serial: str,
+    reason: str,
+    expires_at: datetime | None = None,
+    *,
+    birth: bool = False,
+) -> None:
+    """Put ``serial`` in ``certificate_revocations`` (idempotent).
+
+    A birth certificate's document carries ``"kind": "birth"`` (the broker's sync puts
+    it on the factory CRL); without ``kind`` it is a device-CA certificate.
+    """
+    doc: Document = {
+        "device_id": client_id,
+        "serial": serial,
+        "reason": reason,
+        "revoked_at": utcnow(),
+    }
+    if isinstance(expires_at, datetime):
+        doc["expires_at"] = expires_at
+    if birth:
+        doc["kind"] = "birth"
+    revocations = database.collection(CERTIFICATE_REVOCATIONS)
+    with contextlib.suppress(pymongo.errors.DuplicateKeyError):
+        database.call(
+            lambda: revocations.update_one({"serial": serial}, {"$setOnInsert": doc}, upsert=True)
+        )
+
+
+def remove_revocation(database: Database, serial: str) -> None:
+    """Take ``serial`` off the revocation list (releasing a quarantined birth certificate)."""
+    revocations = database.collection(CERTIFICATE_REVOCATIONS)
+    database.call(lambda: revocations.delete_one({"serial": serial}))
+
+
 class CertificateRecords:
     def __init__(self, database: Database) -> None:
         self.database = database
@@ -144,20 +181,19 @@ class CertificateRecords:
         self, client_id: str, serial: str, reason: str, expires_at: Any = None
     ) -> None:
         """Add ``serial`` to the revocation list (idempotent)."""
-        doc: Document = {
-            "device_id": client_id,
-            "serial": serial,
-            "reason": reason,
-            "revoked_at": utcnow(),
-        }
-        if isinstance(expires_at, datetime):
-            doc["expires_at"] = expires_at
-        with contextlib.suppress(pymongo.errors.DuplicateKeyError):
-            self.database.call(
-                lambda: self.revocations.update_one(
-                    {"serial": serial}, {"$setOnInsert": doc}, upsert=True
-                )
-            )
+        add_revocation(
+            self.database,
+            client_id,
+            serial,
+            reason,
+            expires_at if isinstance(expires_at, datetime) else None,
+        )
+
+    def is_revoked(self, serial: str) -> bool:
+        found = self.database.call(
+            lambda: self.revocations.find_one({"serial": serial}, {"_id": 1})
+        )
+        return found is not None
 
     def revoke_current(self, client_id: str, reason: str) -> str | None:
         """Operator revocation: mark the current certificate revoked; returns its serial."""
@@ -174,6 +210,21 @@ class CertificateRecords:
             )
         )
         return serial or None
+
+    def revoke_pending(self, client_id: str, reason: str) -> str | None:
+        """Revoke the device's pending renewal (if any) and drop it; returns its serial."""
+        current = self.current(client_id)
+        pending = current.get("renewal") if current is not None else None
+        if not isinstance(pending, dict) or not pending.get("serial"):
+            return None
+        serial = str(pending["serial"])
+        self.revoke_serial(client_id, serial, reason, pending.get("expires_at"))
+        self.database.call(
+            lambda: self.certificates.update_one(
+                {"device_id": client_id, "renewal.serial": serial}, {"$unset": {"renewal": ""}}
+            )
+        )
+        return serial
 
     def revoked_serials(self) -> list[tuple[int, datetime]]:
         docs = self.database.call(

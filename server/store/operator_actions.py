@@ -31,6 +31,7 @@ class OperatorAction(str, Enum):
     ALLOCATE = "allocate"
     REVOKE = "revoke"
     QUARANTINE = "quarantine"
+    RELEASE = "release"
     REPROVISION_APPROVAL = "reprovision-approval"
 
 

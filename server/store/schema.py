@@ -20,6 +20,10 @@ SOCIALS: Final = "socials"
 CERTIFICATE_REVOCATIONS: Final = "certificate_revocations"
 # Ours: the audit trail, one document per operator action (server/store/operator_actions.py).
 OPERATOR_ACTIONS: Final = "operator_actions"
+# Ours: one record per certificate the CA signs (server/store/issuances.py).
+CERTIFICATE_ISSUANCES: Final = "certificate_issuances"
+# Ours: refusals that looked like attacks (server/store/security_events.py).
+SECURITY_EVENTS: Final = "security_events"
 
 WEB_APP_COLLECTIONS: Final = (DEVICES, DEVICE_ACLS, DEVICE_CERTIFICATES, USERS, SOCIALS)
 
@@ -92,6 +96,9 @@ INDEXES: Final = (
     IndexSpec(CERTIFICATE_REVOCATIONS, "device_id"),
     IndexSpec(OPERATOR_ACTIONS, "device_id"),
     IndexSpec(OPERATOR_ACTIONS, "at"),
+    IndexSpec(CERTIFICATE_ISSUANCES, "serial", unique=True),
+    IndexSpec(CERTIFICATE_ISSUANCES, "device_id"),
+    IndexSpec(SECURITY_EVENTS, "device_id"),
 )
 
 # Device fields of the seed (plus crt / ca_certificate of its step 4); the
