@@ -80,6 +80,13 @@ def token_guard(policy: ServicePolicy, now: datetime) -> Document:
     return clauses[0] if len(clauses) == 1 else {"$or": clauses}
 
 
+def reprovision_hint(policy: ServicePolicy, status: str) -> str:
+    """What a provisioned device in ``status`` is waiting for (REPROVISION_NOT_APPROVED)."""
+    if status == DeviceStatus.ERROR.value or policy.reprovision is ReprovisionPolicy.APPROVAL:
+        return "an operator must approve it (`provision-server device reprovision`)"
+    return f"policy {policy.reprovision.value!r} does not allow it yet"
+
+
 def _left(device: Document, now: datetime, window: timedelta, statuses: set[str]) -> float:
     seen = device.get("lastSeenAt")
     if device.get("status") not in statuses or not isinstance(seen, datetime):

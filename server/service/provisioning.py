@@ -52,9 +52,9 @@ from server.service.policy import (
     HOLDS_CERTIFICATE,
     ONLINE_FROM,
     REPROVISION_FROM,
-    ReprovisionPolicy,
     ServicePolicy,
     recently_heard_left,
+    reprovision_hint,
     token_guard,
 )
 from server.service.renewal import Renewals
@@ -222,14 +222,9 @@ class ProvisioningService:
                 retry_after=round(live, 3),
             )
         if status in {s.value for s in REPROVISION_FROM}:
-            how = (
-                "an operator must approve it (`provision-server device reprovision`)"
-                if status == DeviceStatus.ERROR.value
-                or self.policy.reprovision is ReprovisionPolicy.APPROVAL
-                else f"policy {self.policy.reprovision.value!r} does not allow it yet"
-            )
             return ReprovisionNotApproved(
-                f"device is {status} (provisioned before); to provision again {how}",
+                f"device is {status} (provisioned before); to provision again "
+                + reprovision_hint(self.policy, str(status)),
                 retry_after=self.policy.reprovision_retry_after,
             )
         return WrongState(f"device has status {status!r}; no token from it")
