@@ -7,11 +7,14 @@ operator, provisioned again. Its history must tell that story in order, with who
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
 from bson import ObjectId
 from click.testing import CliRunner, Result
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent import protocol
 from server.cli.main import main
@@ -36,8 +39,11 @@ def cli(uri: str, *args: str, operator: str = "alice@ops") -> Result:
 
 
 def ask(service: ProvisioningService, kit: DeviceKit, payload: dict[str, Any]) -> dict[str, Any]:
+    """A renewal request, on the renew topic's channel."""
     answer: dict[str, Any] = json.loads(
-        service.handle_request(kit.client_id, protocol.encode(payload))
+        service.handle_request(
+            kit.client_id, protocol.encode(payload), protocol.RequestChannel.RENEWAL
+        )
     )
     assert answer["ok"], answer
     return answer
@@ -62,14 +68,22 @@ def test_history_of_a_device_through_its_whole_life(
     assert cli(mongodb_uri, "device", "add", "--mac", kit.mac, "--client-id", kit.client_id,
                operator="station").exit_code == 0  # fmt: skip
     assert cli(mongodb_uri, "device", "allocate", kit.client_id, "--user", str(user)).exit_code == 0
-    service = ProvisioningService(database, ca, ServicePolicy(token_min_interval=0.001))
+    policy = ServicePolicy(token_min_interval=0.001, renew_min_interval=0.0)
+    service = ProvisioningService(database, ca, policy)
     first = provision(service, kit)
     kit.new_key()
     renewed = ask(service, kit, {"v": 1, "op": "renew", "csr": kit.csr()})
-    ask(service, kit, {"v": 1, "op": "renew-confirm", "serial": renewed["serial"]})
+    proof = kit.key.sign(
+        protocol.renewal_proof_message(kit.client_id, renewed["serial"], renewed["nonce"]),
+        ec.ECDSA(hashes.SHA256()),
+    )
+    signature = base64.b64encode(proof).decode()
+    ask(service, kit, {"op": "renew-confirm", "serial": renewed["serial"], "signature": signature})
     revoked = cli(mongodb_uri, "device", "revoke", kit.client_id, "--reason", "stolen",
                   operator="bob@ops")  # fmt: skip
     assert revoked.exit_code == 0, revoked.output
+    approved = cli(mongodb_uri, "device", "reprovision", kit.client_id, operator="bob@ops")
+    assert approved.exit_code == 0, approved.output
     kit.new_key()
     again = provision(service, kit)
 
@@ -86,7 +100,8 @@ def test_history_of_a_device_through_its_whole_life(
     assert [r["serial"] for r in revocations] == [first["serial"], renewed["serial"]]
     assert revocations[1]["reason"] == "stolen"
     operator_revoke = next(e for e in events if e["event"] == "revoke")
-    assert operator_revoke["details"]["serial"] == renewed["serial"]
+    assert operator_revoke["details"]["serials"] == [renewed["serial"]]
+    assert ("operator", "reprovision-approval", "bob@ops") in story
     allocate = next(e for e in events if e["event"] == "allocate")
     assert allocate["details"]["userId"] == str(user)
     assert json.loads(shown.stdout)["device"]["certificateSerial"] == again["serial"]
