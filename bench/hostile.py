@@ -198,7 +198,9 @@ def run_direct(
             service.handle_status(client_id, message.payload)
             out.codes["status"] += 1
         else:
-            _record_answer(out, message, service.handle_request(client_id, message.payload))
+            channel = message.channel.request_channel
+            answer = service.handle_request(client_id, message.payload, channel)
+            _record_answer(out, message, answer)
         out.sent += 1
         if (index + 1) % batch == 0 or index + 1 == count:
             after = snapshot(service.database)

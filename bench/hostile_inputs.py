@@ -19,6 +19,7 @@ from enum import Enum
 from typing import Any, Final
 
 from agent import protocol
+from agent.protocol import RequestChannel
 from bench.hostile_pki import (
     Material,
     cert_variants,
@@ -37,6 +38,11 @@ class Channel(str, Enum):
     REQUEST = "request"  # provisioning/<id>/request (birth certificate session)
     RENEW = "renew"  # devices/<id>/cert/renew (operational session)
     STATUS = "status"  # devices/<id>/status (operational session)
+
+    @property
+    def request_channel(self) -> RequestChannel:
+        """How the server sees a request on this topic (status messages are no requests)."""
+        return RequestChannel.RENEWAL if self is Channel.RENEW else RequestChannel.PROVISIONING
 
 
 @dataclass(frozen=True)
