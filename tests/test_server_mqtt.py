@@ -232,6 +232,22 @@ def run_server_process(
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
 
 
+def wait_subscribed(*logs: Path, timeout: float = 30.0) -> None:
+    """Until every server process logged its broker connection, then its SUBACK's time.
+
+    A fixed sleep was too short on a loaded machine: a request published before any
+    server subscribed reaches nobody.
+    """
+    deadline = time.monotonic() + timeout
+    for log in logs:
+        while "event=broker-connect result=ok" not in (
+            log.read_text(errors="replace") if log.exists() else ""
+        ):
+            assert time.monotonic() < deadline, f"{log.name}: server never connected"
+            time.sleep(0.05)
+    time.sleep(0.3)  # the SUBSCRIBE goes out from the CONNACK callback
+
+
 def test_two_server_processes_answer_each_request_once(
     database: Database,
     mongodb_uri: str,
@@ -245,7 +261,7 @@ def test_two_server_processes_answer_each_request_once(
     ]
     try:
         kits = [allocated_device(database, mqtt_ca, 10 + i) for i in range(6)]
-        time.sleep(2.0)  # both connected and subscribed
+        wait_subscribed(tmp_path / "s0.log", tmp_path / "s1.log")
         for kit in kits:
             device = birth_session(kit, layout, mqtt_ca)
             token = device.request(kit.token_request(), timeout=15)
@@ -277,7 +293,7 @@ def test_server_killed_during_signing_converges_on_one_active_certificate(
     _, layout = local_broker
     kits = [allocated_device(database, mqtt_ca, 20 + i) for i in range(8)]
     proc = run_server_process(mqtt_ca, layout, mongodb_uri, tmp_path / "a.log")
-    time.sleep(1.5)
+    wait_subscribed(tmp_path / "a.log")
     sessions = [birth_session(kit, layout, mqtt_ca) for kit in kits]
     tokens = [
         s.request(k.token_request(), timeout=15)["token"]
@@ -291,7 +307,7 @@ def test_server_killed_during_signing_converges_on_one_active_certificate(
     proc.wait()
     proc = run_server_process(mqtt_ca, layout, mongodb_uri, tmp_path / "b.log")
     try:
-        time.sleep(1.5)
+        wait_subscribed(tmp_path / "b.log")
         for session, kit, token in zip(sessions, kits, tokens, strict=True):
             answer = session.request(kit.csr_request(token), timeout=15)  # the device retries
             assert answer["ok"], answer
@@ -352,7 +368,7 @@ def test_sigterm_answers_every_request_it_accepted(
     kits = [allocated_device(database, mqtt_ca, 60 + i) for i in range(30)]
     log = tmp_path / "server.log"
     proc = run_server_process(mqtt_ca, layout, mongodb_uri, log)
-    time.sleep(1.5)
+    wait_subscribed(log)
     sessions = [birth_session(kit, layout, mqtt_ca) for kit in kits]
     for session, kit in zip(sessions, kits, strict=True):
         session.send(
