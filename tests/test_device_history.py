@@ -2,7 +2,8 @@
 
 A device goes through its whole life with the real admin CLI and the real provisioning
 service on the real database: registered, allocated, provisioned, renewed, revoked by the
-operator, provisioned again. Its history must tell that story in order, with who did what.
+operator, approved and provisioned again. Its history must tell that story in order, with
+who did what, every certificate issued and revoked, and the refusals that looked like attacks.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from server.store.operator_actions import (
     current_operator,
 )
 from server.store.schema import OPERATOR_ACTIONS, USERS
+from server.store.security_events import PROBABLE_CLONE, SecurityEvents
 from tests.device_kit import DeviceKit
 
 
@@ -86,6 +88,7 @@ def test_history_of_a_device_through_its_whole_life(
     assert approved.exit_code == 0, approved.output
     kit.new_key()
     again = provision(service, kit)
+    SecurityEvents(database).record(kit.client_id, PROBABLE_CLONE, "token request while online")
 
     shown = cli(mongodb_uri, "device", "history", kit.client_id, "--json")
     assert shown.exit_code == 0, shown.output
@@ -105,6 +108,21 @@ def test_history_of_a_device_through_its_whole_life(
     allocate = next(e for e in events if e["event"] == "allocate")
     assert allocate["details"]["userId"] == str(user)
     assert json.loads(shown.stdout)["device"]["certificateSerial"] == again["serial"]
+    issued = [
+        (e["details"]["serial"], e["details"]["kind"], e["details"]["state"])
+        for e in events
+        if e["event"] == "certificate-issued"
+    ]
+    assert issued == [
+        (first["serial"], "first", "superseded"),
+        (renewed["serial"], "renewal", "revoked"),
+        (again["serial"], "first", "current"),
+    ]
+    # Each certificate is issued before it is revoked, and the story ends with the clone.
+    position = {(e["event"], e["details"].get("serial")): i for i, e in enumerate(events)}
+    for serial in (first["serial"], renewed["serial"]):
+        assert position[("certificate-issued", serial)] < position[("certificate-revoked", serial)]
+    assert story[-1] == ("security", PROBABLE_CLONE, "-")
 
     text = cli(mongodb_uri, "device", "history", kit.client_id)
     assert text.exit_code == 0
@@ -112,6 +130,7 @@ def test_history_of_a_device_through_its_whole_life(
     assert lines[0].startswith(f"{kit.client_id} (MAC {kit.mac})")
     assert any("allocate" in line and "alice@ops" in line for line in lines)
     assert any("revoke" in line and "bob@ops" in line and "stolen" in line for line in lines)
+    assert any("certificate-issued" in line and again["serial"] in line for line in lines)
 
 
 def test_a_refused_action_records_nothing(database: Database, mongodb_uri: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 import click
@@ -15,8 +16,16 @@ from server.store.history import device_history
 HISTORY_HEADERS = ("when (UTC)", "source", "event", "who", "details")
 
 
+def _value(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d")
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value) or "-"
+    return str(value)
+
+
 def _details(details: Mapping[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in details.items() if v not in (None, ""))
+    return " ".join(f"{k}={_value(v)}" for k, v in details.items() if v not in (None, ""))
 
 
 @click.command("history")

@@ -1,4 +1,5 @@
-"""One device's history: registration, operator actions, certificates issued and revoked.
+"""One device's history: registration, operator actions, certificates issued and revoked,
+refusals that looked like attacks.
 
 ``provision-server device history`` shows it; the web app can build the same view
 from the collections named here (docs/schema.md).
@@ -15,8 +16,10 @@ import pymongo
 from bson import ObjectId
 
 from server.store.db import Database, Document
+from server.store.issuances import IssuanceLedger
 from server.store.operator_actions import OperatorActionLog
 from server.store.schema import CERTIFICATE_REVOCATIONS
+from server.store.security_events import SecurityEvents
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,7 @@ class HistoryEvent:
     """One line of a device's history."""
 
     at: datetime
-    source: str  # "device", "operator", "issuance", "revocation"
+    source: str  # "device", "operator", "issuance", "revocation", "security"
     event: str
     actor: str
     details: Mapping[str, Any]
@@ -63,7 +66,7 @@ def _revocation_events(docs: Iterable[Document]) -> Iterable[HistoryEvent]:
             "revocation",
             "certificate-revoked",
             "-",
-            {"serial": doc.get("serial"), "reason": doc.get("reason")},
+            {"serial": doc.get("serial"), "reason": doc.get("reason"), "kind": doc.get("kind")},
         )
 
 
@@ -78,6 +81,7 @@ def device_history(database: Database, device: Mapping[str, Any]) -> list[Histor
         )
     events += _operator_events(OperatorActionLog(database).for_device(device_id))
     events += issuance_events(database, device_id)
+    events += security_events(database, device_id)
     revocations = database.call(
         lambda: list(
             database.collection(CERTIFICATE_REVOCATIONS)
@@ -90,10 +94,34 @@ def device_history(database: Database, device: Mapping[str, Any]) -> list[Histor
 
 
 def issuance_events(database: Database, device_id: str) -> list[HistoryEvent]:
-    """Certificates issued to the device, from the issuance ledger.
+    """Certificates the CAs signed for the device, from the issuance ledger."""
+    return [
+        HistoryEvent(
+            _aware(doc.get("issued_at")),
+            "issuance",
+            "certificate-issued",
+            "-",
+            {
+                "serial": doc.get("serial"),
+                "kind": doc.get("kind"),
+                "reason": doc.get("reason"),
+                "not_after": doc.get("not_after"),
+                "state": doc.get("state"),
+            },
+        )
+        for doc in IssuanceLedger(database).history(device_id)
+    ]
 
-    Hook for the server-side trust work (issue 12), which adds the ledger
-    ``certificate_issuances``: until it exists, issuances show only through the
-    revocations that replaced them and the device's current ``certificateSerial``.
-    """
-    return []
+
+def security_events(database: Database, device_id: str) -> list[HistoryEvent]:
+    """Refusals that looked like attacks on the device (e.g. a probable clone)."""
+    return [
+        HistoryEvent(
+            _aware(doc.get("at")),
+            "security",
+            str(doc.get("kind", "?")),
+            "-",
+            {"detail": doc.get("detail")},
+        )
+        for doc in SecurityEvents(database).of(device_id)
+    ]
