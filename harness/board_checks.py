@@ -127,15 +127,19 @@ def check_key_files(guest: GuestAgent) -> list[str]:
         f"find {STATE_DIR} {CONFIG_DIR} -printf '%u:%g %m %y %p\\n' | sort -k4"
     ).splitlines()
     bad: list[str] = []
-    keys = 0
+    paths = set()
     for line in listing:
         owner, mode, kind, path = line.split(" ", 3)
         want = "700" if kind == "d" else "600"
         if owner != f"{AGENT_USER}:{AGENT_USER}" or (kind in "df" and mode != want):
             bad.append(line)
-        keys += kind == "f" and path.endswith("key.pem")
-    if bad or keys == 0:
-        raise BoardCheckFailed(f"key files with wrong owner/mode (or no key): {bad or listing}")
+        paths.add(path)
+    birth_key = f"{STATE_DIR}/keys/birth.key"
+    live_key = any(
+        p.startswith(f"{STATE_DIR}/certs/archive/") and p.endswith("/key.pem") for p in paths
+    )
+    if bad or birth_key not in paths or not live_key:
+        raise BoardCheckFailed(f"key files missing or with wrong owner/mode: {bad or listing}")
     return listing
 
 

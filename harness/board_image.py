@@ -135,10 +135,10 @@ def _run(argv: list[str], what: str, log: Path) -> None:
 
 
 @contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    """One builder at a time per cache (two CI runs on one machine share it)."""
+def _locked(root: Path, arch: str) -> Iterator[None]:
+    """One builder per architecture at a time (two CI runs on one machine share the cache)."""
     root.mkdir(parents=True, exist_ok=True)
-    with (root / ".lock").open("w") as lock:
+    with (root / f".lock-{arch}").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
@@ -257,7 +257,7 @@ def ensure_image(arch: str, deb: Path, log: Path) -> tuple[BoardImage, dict[str,
     spec = ARCHES[arch]
     root = cache_root()
     times: dict[str, float] = {}
-    with _locked(root):
+    with _locked(root, arch):
         base_key = _digest(_base_recipe(spec))
         base = root / f"base-{arch}-{base_key}"
         if not base.is_dir():

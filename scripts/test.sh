@@ -15,4 +15,11 @@ if ! command -v mmdebstrap >/dev/null 2>&1 || ! command -v systemd-nspawn >/dev/
         || { apt-get update -q >/dev/null
              apt-get install -y -q --no-install-recommends mmdebstrap systemd-container >/dev/null; }
 fi
+# A real board (issue 13): the agent .deb in a Debian 12 qemu guest, flashed over
+# its UART, ACTIVE under systemd, with power cuts. Its image is cached outside the
+# checkout; BOARD_VM=0 skips it (a quick local run).
+if [ "${BOARD_VM:-1}" != 0 ]; then
+    deb=$(ls -t dist/provision-agent_*_"$(dpkg --print-architecture)".deb | head -1)
+    echo "== board VM ($deb)"; bash scripts/board-vm.sh --agent-deb "$deb"
+fi
 echo "== pytest"; .venv/bin/pytest "$@"
