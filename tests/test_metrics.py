@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from bson import ObjectId
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent import protocol
@@ -31,6 +32,7 @@ from server.broker.acl_sync import AclSync
 from server.broker.layout_file import save_layout
 from server.config import ServerConfig, load_server_config
 from server.pki.ca import CertificateAuthority
+from server.service.metrics import ServerMetrics
 from server.store.db import Database
 from server.store.devices import DeviceRepository
 from server.store.schema import DEVICE_ACLS, DEVICES, USERS
@@ -301,3 +303,21 @@ def test_sync_lag_runs_from_the_database_write_until_the_broker_has_it(
         assert sync.failures >= failed_at and sync.reloads >= 1
     finally:
         sync.stop()
+
+
+def test_group_commit_round_trips_are_counted(mongodb_uri: str) -> None:
+    """Requests in flight share database round trips; the scrape says how many and how full."""
+    metrics = ServerMetrics()
+    database = Database(mongodb_uri, event_listeners=[metrics.command_listener()])
+    try:
+        metrics.state.database = database
+        assert "provision_db_group_commit" not in generate_latest(metrics.registry).decode()
+        database.start_group_commit()
+        for n in range(3):
+            assert database.insert_new("metrics_probe", {"_id": n})
+        samples = parse(generate_latest(metrics.registry).decode())
+        assert value(samples, "provision_db_group_commit_operations_total") == 3
+        assert 1 <= value(samples, "provision_db_group_commit_batches_total") <= 3
+        assert value(samples, "provision_db_command_duration_seconds_count", command="insert") >= 1
+    finally:
+        database.close()

@@ -73,6 +73,19 @@ class SyncState(Protocol):
     def lag_seconds(self) -> float: ...
 
 
+class GroupCommitState(Protocol):
+    @property
+    def batches(self) -> int: ...
+
+    @property
+    def operations(self) -> int: ...
+
+
+class DatabaseState(Protocol):
+    @property
+    def group(self) -> GroupCommitState | None: ...
+
+
 class ServerMetrics:
     """The metrics of one server process; thread-safe (prometheus_client is)."""
 
@@ -230,6 +243,7 @@ class _StateCollector(Collector):
 
     def __init__(self) -> None:
         self.transport: TransportState | None = None
+        self.database: DatabaseState | None = None
         self.status_writer: StatusWriterState | None = None
         self.sync: SyncState | None = None
         self.ca: CertificateAuthority | None = None
@@ -237,6 +251,7 @@ class _StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         yield from self._transport()
+        yield from self._group_commit()
         yield from self._status()
         yield from self._sync()
         yield from self._pki()
@@ -251,6 +266,19 @@ class _StateCollector(Collector):
         connected = _gauge("broker_connected", "1 while the MQTT session to the broker is up.")
         connected.add_metric([], 1.0 if self.transport.connected else 0.0)
         yield connected
+
+    def _group_commit(self) -> Iterator[Metric]:
+        group = self.database.group if self.database is not None else None
+        if group is None:
+            return
+        yield _counter(
+            "db_group_commit_batches", "Database round trips shared by requests in flight.",
+            group.batches,
+        )  # fmt: skip
+        yield _counter(
+            "db_group_commit_operations", "Operations sent in those shared round trips.",
+            group.operations,
+        )  # fmt: skip
 
     def _status(self) -> Iterator[Metric]:
         writer = self.status_writer

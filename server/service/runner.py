@@ -89,6 +89,7 @@ def run_service(config: ServerConfig, *, verbose: bool = False) -> None:
     metrics.state.transport, metrics.state.status_writer, metrics.state.ca = (
         server, status_writer, ca
     )  # fmt: skip
+    metrics.state.database = database  # its group commit, once started, is read at scrape
     server.start()
     log.info(
         "event=started database=%s broker=%s:%d",
