@@ -18,7 +18,13 @@ from server.errors import CaError
 from server.pki.ca import CertificateAuthority
 from server.store.db import Database
 from tests.mqtt_device import write_identity
-from tests.test_server_mqtt import allocated_device, birth_session, status_of, wait_for
+from tests.test_server_mqtt import (
+    allocated_device,
+    birth_session,
+    status_of,
+    wait_for,
+    wait_subscribed,
+)
 
 BIN = Path(sys.executable).parent
 
@@ -51,7 +57,7 @@ def test_broker_config_then_revoke_refuses_the_device_without_restart(
         )  # fmt: skip
     try:
         kit = allocated_device(database, ca, 40)
-        time.sleep(1.5)
+        wait_subscribed(tmp_path / "server.log")
         device = birth_session(kit, layout, ca)
         token = device.request(kit.token_request(), timeout=15)
         issued = device.request(kit.csr_request(token["token"]), timeout=15)

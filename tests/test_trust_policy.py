@@ -202,3 +202,37 @@ def test_policy_reprovision_is_validated(tmp_path: Path) -> None:
     config.write_text('[policy]\nreprovision = "offline"\nreprovision_offline_after_s = 600\n')
     loaded = load_server_config(config, env={})
     assert loaded.reprovision == "offline" and loaded.reprovision_offline_after_s == 600
+
+
+def test_refused_operator_decisions_change_nothing(
+    database: Database, ca: CertificateAuthority, mongodb_uri: str
+) -> None:
+    service = service_with(database, ca)
+    kit = provisioned(database, ca, service, 5)  # no birth certificate recorded (no station)
+    fresh = DeviceKit("policy-6", "02:00:00:00:13:06", ca)
+    DeviceRepository(database).add(fresh.mac, fresh.client_id)
+    before = snapshot(database)
+    refusals = [
+        (["device", "quarantine", kit.client_id], "no birth certificate of policy-5 is recorded"),
+        (["device", "release", kit.client_id], "is not quarantined"),
+        (["device", "revoke", fresh.client_id], "has no active certificate"),
+        (["device", "reprovision", fresh.client_id], "is UNALLOCATED"),
+        (["device", "reprovision", "nobody"], "no device with clientId 'nobody'"),
+    ]
+    for args, message in refusals:
+        result = CliRunner().invoke(server_cli, ["--mongodb-uri", mongodb_uri, *args])
+        assert result.exit_code == 1 and message in result.output, (args, result.output)
+    assert snapshot(database) == before
+    IssuanceLedger(database).record_birth(kit.client_id, kit.birth_cert)
+    assert (
+        CliRunner()
+        .invoke(server_cli, ["--mongodb-uri", mongodb_uri, "device", "quarantine", kit.client_id])
+        .exit_code
+        == 0
+    )
+    before = snapshot(database)
+    again = CliRunner().invoke(
+        server_cli, ["--mongodb-uri", mongodb_uri, "device", "quarantine", kit.client_id]
+    )
+    assert again.exit_code == 1 and "already quarantined" in again.output
+    assert snapshot(database) == before
