@@ -30,11 +30,10 @@ import click
 
 from agent.birth import Endpoints
 from harness import board_checks as checks
+from harness.board_backend import BoardBackend, deployed_backend, host_backend
 from harness.board_image import ARCHES, BROKER_HOSTNAME, cache_root, ensure_image
 from harness.qemu_board import Forward, QemuBoard
-from harness.simulated_fleet import LocalStack
 from server.errors import ServerError
-from server.pki.ca import CertificateAuthority
 from server.station.config import StationConfig, write_station_config
 from server.store.certificates import CertificateRecords
 from server.store.devices import DeviceRepository, utcnow
@@ -51,26 +50,33 @@ def say(text: str) -> None:
     click.echo(f"board-vm: {text}", err=True)
 
 
-def build_agent_deb(arch: str) -> Path:
-    """``scripts/build-debs.sh --arch ARCH``; the agent package it wrote."""
-    subprocess.run(
-        ["bash", str(REPO / "scripts/build-debs.sh"), "--arch", arch, "--no-lintian"], check=True
-    )
-    debs = sorted((REPO / "dist").glob(f"provision-agent_*_{arch}.deb"), key=os.path.getmtime)
+def built_deb(package: str, arch: str) -> Path:
+    """``dist/<package>_*_<arch>.deb``, from ``scripts/build-debs.sh --arch ARCH`` if missing."""
+    pattern = f"{package}_*_{arch}.deb"
+    if not list((REPO / "dist").glob(pattern)):
+        build = ["bash", str(REPO / "scripts/build-debs.sh"), "--arch", arch, "--no-lintian"]
+        subprocess.run(build, check=True)
+    debs = sorted((REPO / "dist").glob(pattern), key=os.path.getmtime)
     if not debs:
-        raise ServerError(f"scripts/build-debs.sh wrote no dist/provision-agent_*_{arch}.deb")
+        raise ServerError(f"scripts/build-debs.sh wrote no dist/{pattern}")
     return debs[-1]
+
+
+def host_arch() -> str:
+    return subprocess.run(
+        ["dpkg", "--print-architecture"], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 class Scenario:
     """One run: backend, board, and the timings it measured."""
 
-    def __init__(self, stack: LocalStack, board: QemuBoard, workdir: Path) -> None:
-        self.stack = stack
+    def __init__(self, backend: BoardBackend, board: QemuBoard, workdir: Path) -> None:
+        self.backend = backend
         self.board = board
         self.workdir = workdir
-        self.devices = DeviceRepository(stack.database)
-        self.certificates = CertificateRecords(stack.database)
+        self.devices = DeviceRepository(backend.database)
+        self.certificates = CertificateRecords(backend.database)
         self.client_id = "board-" + board.mac.replace(":", "").lower()
         self.times: dict[str, float] = {}
         self.powered_on_utc = utcnow()
@@ -78,12 +84,13 @@ class Scenario:
         write_station_config(
             self.station_config,
             StationConfig(
-                ca_dir=stack.ca.paths.directory,
-                mongodb_uri=stack.mongodb_uri,
+                ca_dir=backend.ca_dir,
+                mongodb_uri=backend.mongodb_uri,
                 endpoints=Endpoints(
                     BROKER_HOSTNAME, GUEST_PORTS[0], BROKER_HOSTNAME, GUEST_PORTS[1]
                 ),
                 client_id_pattern="board-{mac}",
+                ca_passphrase_file=backend.passphrase_file,
             ),
         )
 
@@ -174,7 +181,7 @@ class Scenario:
             raise ServerError("the device left UNALLOCATED before its allocation")
         checks.check_notify(guest, "NEED_TOKEN")
         say("field: agent under the shipped unit waits while UNALLOCATED (READY, STATUS, watchdog)")
-        owner = UserRepository(self.stack.database).add("board-vm@example.com", "Board VM")
+        owner = UserRepository(self.backend.database).add("board-vm@example.com", "Board VM")
         self.devices.allocate(self.client_id, str(owner["_id"]))
         for status in cuts:
             reached = self.wait_status({status, "PROVISIONED", "ACTIVE"}, 300)
@@ -211,36 +218,51 @@ def _mac() -> str:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--arch", type=click.Choice(sorted(ARCHES)), default="amd64", show_default=True)
+@click.option("--backend", type=click.Choice(["deployed", "host"]), default="host",
+              show_default=True, help="deployed: docs/server.md Deploy in a Debian 12 "
+              "container; host: processes on this machine.")  # fmt: skip
 @click.option("--agent-deb", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="Agent package to install (default: scripts/build-debs.sh).")  # fmt: skip
+              help="Agent package to install (default: dist/, built if missing).")  # fmt: skip
+@click.option("--server-deb", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Server package for --backend deployed (default: dist/).")  # fmt: skip
 @click.option("--power-cuts/--no-power-cuts", default=True, show_default=True,
               help="Cut the power during factory programming and field provisioning.")  # fmt: skip
 @click.option("--workdir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Run directory (default: a new one under the cache's runs/).")  # fmt: skip
-def main(arch: str, agent_deb: Path | None, power_cuts: bool, workdir: Path | None) -> None:
+def main(
+    arch: str,
+    backend: str,
+    agent_deb: Path | None,
+    server_deb: Path | None,
+    power_cuts: bool,
+    workdir: Path | None,
+) -> None:
     """Boot a Debian 12 board VM, program it over its UART and see it ACTIVE."""
     started = time.monotonic()
     workdir = (
         workdir or cache_root() / "runs" / f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
     ).resolve()
     workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    stack: LocalStack | None = None
+    services: BoardBackend | None = None
     board: QemuBoard | None = None
     try:
-        deb = agent_deb or build_agent_deb(arch)
+        deb = agent_deb or built_deb("provision-agent", arch)
         image, build_times = ensure_image(arch, deb, workdir / "image-build.log")
         built = ", ".join(f"{k} {v:.0f} s" for k, v in build_times.items()) or "cached"
         say(f"image {image.directory} ({built})")
-        ca_dir = workdir / "backend" / "ca"
-        if not (ca_dir / "root.pem").exists():
-            CertificateAuthority.init(ca_dir, server_names=(BROKER_HOSTNAME, "localhost"))
-        stack = LocalStack.start(workdir / "backend", os.environ.get("MONGODB_URI"), "board_vm")
-        stack.start_server()
-        forwards = [Forward(GUEST_PORTS[0], stack.layout.provisioning_port),
-                    Forward(GUEST_PORTS[1], stack.layout.operational_port)]  # fmt: skip
+        started_backend = time.monotonic()
+        if backend == "deployed":
+            server = server_deb or built_deb("provision-server", host_arch())
+            services = deployed_backend(workdir / "backend", server)
+        else:
+            services = host_backend(workdir / "backend")
+        build_times["backend_s"] = time.monotonic() - started_backend
+        say(f"backend ({backend}) up in {build_times['backend_s']:.1f} s, {services.mongodb_uri}")
+        forwards = [Forward(GUEST_PORTS[0], services.provisioning_port),
+                    Forward(GUEST_PORTS[1], services.operational_port)]  # fmt: skip
         board = QemuBoard(image, workdir / "board", _mac(), forwards)
         board.create_disk()
-        run = Scenario(stack, board, workdir)
+        run = Scenario(services, board, workdir)
         run.factory(FACTORY_CUTS if power_cuts else ())
         run.field(FIELD_CUTS if power_cuts else ())
         run.reboot()
@@ -256,8 +278,8 @@ def main(arch: str, agent_deb: Path | None, power_cuts: bool, workdir: Path | No
     finally:
         if board is not None:
             board.kill()
-        if stack is not None:
-            stack.stop()
+        if services is not None:
+            services.stop()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ missing=()
 command -v mmdebstrap >/dev/null 2>&1 || missing+=(mmdebstrap)
 command -v qemu-img >/dev/null 2>&1 || missing+=(qemu-utils)
 command -v mkfs.ext4 >/dev/null 2>&1 || missing+=(e2fsprogs)
+# --backend deployed (the default) boots the backend in a Debian 12 container.
+command -v systemd-nspawn >/dev/null 2>&1 || missing+=(systemd-container)
 if [ "$arch" = arm64 ]; then
     command -v qemu-system-aarch64 >/dev/null 2>&1 || missing+=(qemu-system-arm)
     # The arm64 image's maintainer scripts run in a chroot through binfmt.
