@@ -143,6 +143,24 @@ def check_key_files(guest: GuestAgent) -> list[str]:
     return listing
 
 
+def check_doctor(guest: GuestAgent) -> str:
+    """``provision-agent doctor`` in the guest, as root: every check passes.
+
+    What a field technician runs on a board (hw/README.md): as root it reads the
+    system locations (/etc/provision-agent, /var/lib/provision-agent) and checks the
+    keys against the state directory's owner, the agent's user. Returns its report.
+    """
+    result = guest.run("provision-agent doctor", timeout=120)
+    if result.exit_code != 0 or any(
+        not line.startswith("PASS") for line in result.stdout.splitlines()
+    ):
+        raise BoardCheckFailed(
+            f"provision-agent doctor on the board (exit {result.exit_code}):\n"
+            f"{result.stdout}{result.stderr[-1500:]}"
+        )
+    return result.stdout
+
+
 def diagnostics(guest: GuestAgent) -> str:
     """The last journal lines of both units, for a failure message."""
     result = guest.run(

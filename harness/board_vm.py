@@ -195,6 +195,8 @@ class Scenario:
         checks.check_notify(guest, "ACTIVE")
         listing = checks.check_key_files(guest)
         say("key files in the guest:\n  " + "\n  ".join(listing))
+        say("provision-agent doctor on the board:\n  " + "\n  ".join(
+            checks.check_doctor(guest).splitlines()))  # fmt: skip
 
     def reboot(self) -> None:
         before = self.certificates.current(self.client_id)
