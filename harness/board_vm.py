@@ -50,12 +50,16 @@ def say(text: str) -> None:
     click.echo(f"board-vm: {text}", err=True)
 
 
-def built_deb(package: str, arch: str) -> Path:
-    """``dist/<package>_*_<arch>.deb``, from ``scripts/build-debs.sh --arch ARCH`` if missing."""
-    pattern = f"{package}_*_{arch}.deb"
-    if not list((REPO / "dist").glob(pattern)):
+def built_deb(package: str, arch: str, built: set[str]) -> Path:
+    """``dist/<package>_*_<arch>.deb`` from ``scripts/build-debs.sh --arch ARCH`` (once per run).
+
+    Always built: a package left in dist/ by an older checkout would boot old code.
+    """
+    if arch not in built:
         build = ["bash", str(REPO / "scripts/build-debs.sh"), "--arch", arch, "--no-lintian"]
         subprocess.run(build, check=True)
+        built.add(arch)
+    pattern = f"{package}_*_{arch}.deb"
     debs = sorted((REPO / "dist").glob(pattern), key=os.path.getmtime)
     if not debs:
         raise ServerError(f"scripts/build-debs.sh wrote no dist/{pattern}")
@@ -224,9 +228,9 @@ def _mac() -> str:
               show_default=True, help="deployed: docs/server.md Deploy in a Debian 12 "
               "container; host: processes on this machine.")  # fmt: skip
 @click.option("--agent-deb", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="Agent package to install (default: dist/, built if missing).")  # fmt: skip
+              help="Agent package to install (default: scripts/build-debs.sh).")  # fmt: skip
 @click.option("--server-deb", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="Server package for --backend deployed (default: dist/).")  # fmt: skip
+              help="Server package for --backend deployed (default: built).")  # fmt: skip
 @click.option("--power-cuts/--no-power-cuts", default=True, show_default=True,
               help="Cut the power during factory programming and field provisioning.")  # fmt: skip
 @click.option("--workdir", type=click.Path(path_type=Path, file_okay=False), default=None,
@@ -248,13 +252,14 @@ def main(
     services: BoardBackend | None = None
     board: QemuBoard | None = None
     try:
-        deb = agent_deb or built_deb("provision-agent", arch)
+        built_arches: set[str] = set()
+        deb = agent_deb or built_deb("provision-agent", arch, built_arches)
         image, build_times = ensure_image(arch, deb, workdir / "image-build.log")
         built = ", ".join(f"{k} {v:.0f} s" for k, v in build_times.items()) or "cached"
         say(f"image {image.directory} ({built})")
         started_backend = time.monotonic()
         if backend == "deployed":
-            server = server_deb or built_deb("provision-server", host_arch())
+            server = server_deb or built_deb("provision-server", host_arch(), built_arches)
             services = deployed_backend(workdir / "backend", server)
         else:
             services = host_backend(workdir / "backend")
