@@ -290,4 +290,4 @@ def main(
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="scripts/board-vm.sh")
