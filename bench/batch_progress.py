@@ -8,13 +8,14 @@ whose status was written after the start (a retained status handled late, a serv
 re-subscribing) counted towards the batch: the run could end, and read the final
 statuses, while a device of the batch was still on its way to ACTIVE.
 
-``BatchProgress`` asks only about the batch's own devices that it has not yet seen
-ACTIVE, by ``clientId`` (the unique index): the cost follows the batch, not the fleet,
-and nothing outside the batch can count.
+``BatchProgress`` asks only about the batch's own devices that have finished on the
+client side and that it has not yet seen ACTIVE, by ``clientId`` (the unique index): the
+cost follows the devices in flight, not the fleet, and nothing outside the batch counts.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from typing import Final
 
@@ -44,12 +45,24 @@ def lookup_statuses(devices: Collection[Document], client_ids: Iterable[str]) ->
 
 
 class BatchProgress:
-    """Polls the still-pending devices of one batch until every one has been ACTIVE."""
+    """Polls the still-pending devices of one batch until every one has been ACTIVE.
+
+    Only devices whose client has finished (``online`` acknowledged by the broker:
+    ``finished``) can be ACTIVE, so only those are looked up: a poll reads about as
+    many documents as there are devices in flight, not the whole batch.
+    """
 
     def __init__(self, devices: Collection[Document], client_ids: Iterable[str]) -> None:
         self.devices = devices
         self.pending = set(client_ids)
         self.total = len(self.pending)
+        self._finished: set[str] = set()
+        self._lock = threading.Lock()
+
+    def finished(self, client_id: str) -> None:
+        """The device's client is done (from any thread): look it up from now on."""
+        with self._lock:
+            self._finished.add(client_id)
 
     @property
     def active(self) -> int:
@@ -62,7 +75,9 @@ class BatchProgress:
 
     def poll(self) -> int:
         """Look the pending devices up once; returns how many have been ACTIVE so far."""
-        for client_id, status in lookup_statuses(self.devices, self.pending).items():
+        with self._lock:
+            candidates = self.pending & self._finished
+        for client_id, status in lookup_statuses(self.devices, candidates).items():
             if status == DeviceStatus.ACTIVE.value:
                 self.pending.discard(client_id)
         return self.active

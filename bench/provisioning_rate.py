@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Final
 
 import pymongo.monitoring
@@ -88,6 +89,10 @@ class _Watch:
             self.stop.wait(POLL_INTERVAL_S)
 
 
+def _finished(batch: BatchProgress, client_id: str, _future: object) -> None:
+    batch.finished(client_id)
+
+
 def run_fleet(
     stack: BenchStack,
     identities: Sequence[DeviceIdentity],
@@ -103,7 +108,8 @@ def run_fleet(
     """
     idle_rss = stack.server_rss()
     devices = stack.database.collection(DEVICES)
-    watch = _Watch(stack, BatchProgress(devices, (i.client_id for i in identities)), progress)
+    batch = BatchProgress(devices, (i.client_id for i in identities))
+    watch = _Watch(stack, batch, progress)
     watcher = threading.Thread(target=watch.run, name="bench-watch", daemon=True)
     root = stack.ca.paths.root_cert
     layout = stack.layout
@@ -112,10 +118,13 @@ def run_fleet(
     watcher.start()
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="device")
     try:
-        futures = [
-            pool.submit(provision, i, root, layout.provisioning_port, layout.operational_port)
-            for i in identities
-        ]
+        futures = []
+        for identity in identities:
+            future = pool.submit(
+                provision, identity, root, layout.provisioning_port, layout.operational_port
+            )
+            future.add_done_callback(partial(_finished, batch, identity.client_id))
+            futures.append(future)
         for future in futures:
             try:
                 timings.append(future.result())

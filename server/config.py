@@ -18,7 +18,8 @@ Keys (all optional; section.key):
     policy.reprovision_offline_after_s 3600 (policy "offline": OFFLINE this long)
     policy.reprovision_retry_s   60   (retryAfter of REPROVISION_NOT_APPROVED)
     policy.renew_min_interval_s  60   (a device gets at most one certificate per interval)
-    service.workers              4
+    service.workers              32   (requests in flight; they share database round
+                                 trips through group commit, so more wait cheaply)
     metrics.port                 none (no metrics); `run --metrics-port` serves Prometheus
                                  metrics on http://<metrics.host>:<port>/metrics
     metrics.host                 127.0.0.1 (loopback: put a reverse proxy or the scraper
@@ -108,7 +109,7 @@ class ServerConfig:
     reprovision_offline_after_s: float = 3600.0
     reprovision_retry_s: float = 60.0
     renew_min_interval_s: float = 60.0
-    workers: int = 4
+    workers: int = 32
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
 

@@ -36,6 +36,9 @@ def test_devices_outside_the_batch_never_complete_it(database: Database) -> None
         + [_device(f"old-{n}", DeviceStatus.ACTIVE, now) for n in range(5)]
     )
     progress = BatchProgress(devices, batch)
+    assert progress.poll() == 0  # no client has finished: nothing is looked up
+    for client_id in batch:
+        progress.finished(client_id)
 
     assert progress.poll() == 2
     assert not progress.done and progress.pending == {"b-2"}
@@ -52,6 +55,8 @@ def test_a_device_seen_active_stays_counted_and_is_not_asked_again(database: Dat
     devices = database.collection(DEVICES)
     devices.insert_many([_device("a", DeviceStatus.ACTIVE), _device("b", DeviceStatus.PROVISIONED)])
     progress = BatchProgress(devices, ["a", "b"])
+    progress.finished("a")
+    progress.finished("b")
     assert progress.poll() == 1
     # The next poll asks only about "b"; "a" going OFFLINE (a real board's will) later
     # does not undo the moment it was first ACTIVE, which is what the rate measures.

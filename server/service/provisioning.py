@@ -63,7 +63,7 @@ from server.store.certificates import CertificateRecords, IssuedCertificate
 from server.store.db import Database, Document
 from server.store.devices import DeviceRepository, utcnow
 from server.store.issuances import IssuanceKind, IssuanceLedger, IssuanceState
-from server.store.schema import DeviceStatus
+from server.store.schema import DEVICES, DeviceStatus
 from server.store.security_events import PROBABLE_CLONE, SecurityEvents
 from server.store.status_writer import StatusBatcher, StatusChange
 
@@ -190,8 +190,9 @@ class ProvisioningService:
             },
             "$unset": {"errorMessage": ""},
         }
-        result = self.database.call(lambda: self.devices.collection.update_one(guard, update))
-        if result.matched_count == 0:
+        # The new hash is the proof: only this update writes it (group commit, db.py).
+        key, proof = ("clientId", client_id), ("provisioningToken", issued.hashed)
+        if not self.database.update_guarded(DEVICES, key, guard, update, proof):
             raise self._token_refusal(client_id, request.mac, now)
         self.token_limiter.issued(client_id)
         self._forget_status(client_id)
@@ -270,10 +271,8 @@ class ProvisioningService:
             IssuanceState.CURRENT,
             "re-provisioned" if reissue else "provisioned",
         )
-        result = self.database.call(
-            lambda: self.devices.collection.update_one(guard, {"$set": issued_fields})
-        )
-        if result.matched_count == 0:
+        key, proof = ("clientId", client_id), ("certificateSerial", cert.serial)
+        if not self.database.update_guarded(DEVICES, key, guard, {"$set": issued_fields}, proof):
             # Another request with this token won the race: ours never leaves the server.
             self.ledger.retire(
                 {"device_id": client_id, "serial": cert.serial, "not_after": cert.expires_at},

@@ -115,9 +115,17 @@ class CertificateRecords:
         embedded database half of an upsert. Any existing record falls back to
         the general path.
         """
-        if first_certificate and self._insert_first(client_id, user_id, cert):
-            self.ensure_default_acl(client_id, user_id)
-            return
+        if first_certificate:
+            # The record and the default ACL travel together (one batch with group commit).
+            record = {"_id": ObjectId(), **self._record_fields(client_id, user_id, cert)}
+            inserted, _ = self.database.insert_new_together(
+                [
+                    (DEVICE_CERTIFICATES, record),
+                    (DEVICE_ACLS, self._default_acl(client_id, user_id)),
+                ]
+            )
+            if inserted:
+                return
         previous = self.current(client_id)
         if previous is not None and previous.get("fingerprint") == cert.fingerprint:
             return  # already recorded (a retry after a crash)
@@ -152,19 +160,9 @@ class CertificateRecords:
             "serial": cert.serial,
         }
 
-    def _insert_first(
-        self, client_id: str, user_id: ObjectId | None, cert: IssuedCertificate
-    ) -> bool:
-        doc = {"_id": ObjectId(), **self._record_fields(client_id, user_id, cert)}
-        try:
-            self.database.call(lambda: self.certificates.insert_one(doc))
-        except pymongo.errors.DuplicateKeyError:
-            return False
-        return True
-
-    def ensure_default_acl(self, client_id: str, user_id: ObjectId | None) -> None:
-        """Insert a tier-1 ACL for the device unless the web app (or we) made one."""
-        doc: Document = {
+    @staticmethod
+    def _default_acl(client_id: str, user_id: ObjectId | None) -> Document:
+        return {
             "_id": ObjectId(),
             "device_id": client_id,
             "user_id": user_id,
@@ -172,10 +170,12 @@ class CertificateRecords:
             "rules": [],
             "last_updated": utcnow(),
         }
+
+    def ensure_default_acl(self, client_id: str, user_id: ObjectId | None) -> None:
+        """Insert a tier-1 ACL for the device unless the web app (or we) made one."""
         # The unique index on device_id keeps an existing ACL (the web app's or
         # ours) untouched; an insert is also the cheapest write on the embedded DB.
-        with contextlib.suppress(pymongo.errors.DuplicateKeyError):
-            self.database.call(lambda: self.acls.insert_one(doc))
+        self.database.insert_new(DEVICE_ACLS, self._default_acl(client_id, user_id))
 
     def revoke_serial(
         self, client_id: str, serial: str, reason: str, expires_at: Any = None
@@ -190,10 +190,9 @@ class CertificateRecords:
         )
 
     def is_revoked(self, serial: str) -> bool:
-        found = self.database.call(
-            lambda: self.revocations.find_one({"serial": serial}, {"_id": 1})
+        return (
+            self.database.find_by(CERTIFICATE_REVOCATIONS, ("serial", serial), ["_id"]) is not None
         )
-        return found is not None
 
     def revoke_current(self, client_id: str, reason: str) -> str | None:
         """Operator revocation: mark the current certificate revoked; returns its serial."""

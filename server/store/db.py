@@ -121,6 +121,12 @@ class Database:
             return False
         return True
 
+    def insert_new_together(self, items: Sequence[tuple[str, Document]]) -> list[bool]:
+        """``insert_new`` of several documents, in one batch when group commit runs."""
+        if self.group is not None:
+            return self.group.insert_all(items)
+        return [self.insert_new(name, document) for name, document in items]
+
     def update_guarded(
         self,
         name: str,

@@ -85,7 +85,7 @@ class DeviceRepository:
         return doc
 
     def by_client_id(self, client_id: str) -> Document | None:
-        return self.database.call(lambda: self.collection.find_one({"clientId": client_id}))
+        return self.database.find_by(DEVICES, ("clientId", client_id))
 
     def list(self, status: DeviceStatus | None = None) -> list[Document]:
         query: dict[str, Any] = {} if status is None else {"status": status.value}

@@ -29,6 +29,7 @@ import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -43,6 +44,8 @@ log = logging.getLogger("provision.server")
 
 Document = dict[str, Any]
 DUPLICATE_KEY: Final = 11000
+SENDERS: Final = 8
+"""Commands of one batch in flight at once (collections x kinds of operation)."""
 MAX_BATCH: Final = 200
 """Operations per command: well inside any socket timeout on the embedded database."""
 
@@ -87,6 +90,7 @@ class GroupCommit:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._senders = ThreadPoolExecutor(max_workers=SENDERS, thread_name_prefix="group-send")
         self.batches = 0
         self.operations = 0
 
@@ -120,16 +124,24 @@ class GroupCommit:
         found: Document | None = self._submit(op)
         return found
 
-    def _submit(self, op: _Op) -> Any:
+    def insert_all(self, items: Iterable[tuple[str, Document]]) -> list[bool]:
+        """Several inserts in the same batch (e.g. a certificate record and its ACL)."""
+        ops = [_Op("insert", collection, document=document) for collection, document in items]
+        return [bool(result) for result in self._submit(*ops)]
+
+    def _submit(self, *ops: _Op) -> Any:
+        """Queue ``ops``, wait for all; the result (one op) or the results (several)."""
         with self._cond:
             if self._thread is None or self._stopping:
                 raise RuntimeError("GroupCommit is not running")
-            self._pending.append(op)
+            self._pending.extend(ops)
             self._cond.notify()
-        op.done.wait()
-        if op.error is not None:
-            raise op.error
-        return op.result
+        for op in ops:
+            op.done.wait()
+        for op in ops:
+            if op.error is not None:
+                raise op.error
+        return ops[0].result if len(ops) == 1 else [op.result for op in ops]
 
     # --- the committer ------------------------------------------------------------
 
@@ -145,6 +157,7 @@ class GroupCommit:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        self._senders.shutdown(wait=False)
 
     def _run(self) -> None:
         while True:
@@ -159,26 +172,40 @@ class GroupCommit:
             self._commit(batch)
 
     def _commit(self, batch: list[_Op]) -> None:
+        """One command per kind and collection, all sent at once (one round trip, not six).
+
+        The operations of one batch come from different requests, so nothing orders
+        them against each other; the next batch starts when all of these are answered.
+        """
         groups: dict[tuple[str, str], list[_Op]] = defaultdict(list)
         for op in batch:
             groups[(op.kind, op.collection)].append(op)
-        for (kind, _collection), ops in groups.items():
-            for start in range(0, len(ops), self.max_batch):
-                chunk = ops[start : start + self.max_batch]
-                try:
-                    with self.guard():
-                        if kind == "insert":
-                            self._insert(chunk)
-                        elif kind == "update":
-                            self._update(chunk)
-                        else:
-                            self._find(chunk)
-                except Exception as exc:  # every waiting worker gets the error
-                    for op in chunk:
-                        if not op.done.is_set():
-                            op.finish(error=exc)
-                    if not isinstance(exc, pymongo.errors.PyMongoError | ServerError):
-                        log.exception("event=group-commit result=internal-error")
+        chunks = [
+            ops[start : start + self.max_batch]
+            for ops in groups.values()
+            for start in range(0, len(ops), self.max_batch)
+        ]
+        if len(chunks) == 1:
+            self._send(chunks[0])
+            return
+        for _ in self._senders.map(self._send, chunks):
+            pass
+
+    def _send(self, chunk: list[_Op]) -> None:
+        try:
+            with self.guard():
+                if chunk[0].kind == "insert":
+                    self._insert(chunk)
+                elif chunk[0].kind == "update":
+                    self._update(chunk)
+                else:
+                    self._find(chunk)
+        except Exception as exc:  # every waiting worker gets the error
+            for op in chunk:
+                if not op.done.is_set():
+                    op.finish(error=exc)
+            if not isinstance(exc, pymongo.errors.PyMongoError | ServerError):
+                log.exception("event=group-commit result=internal-error")
 
     def _insert(self, ops: list[_Op]) -> None:
         failed: dict[int, Document] = {}

@@ -23,7 +23,6 @@ so a crash between the two writes leaves a revoked certificate, never a loose on
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from enum import Enum
@@ -81,8 +80,7 @@ class IssuanceLedger:
             "reason": reason,
             "state": state.value,
         }
-        with contextlib.suppress(pymongo.errors.DuplicateKeyError):
-            self.database.call(lambda: self.collection.insert_one(doc))
+        self.database.insert_new(CERTIFICATE_ISSUANCES, doc)  # False: recorded before
 
     def find(self, serial: str) -> Document | None:
         return self.database.call(lambda: self.collection.find_one({"serial": serial}))
