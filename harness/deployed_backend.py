@@ -87,6 +87,7 @@ class DeployedBackend:
     leader: int
     deploy_output: str = ""
     log: Path = field(default_factory=Path)
+    mongodb_uri: str = ""
 
     @property
     def ca_dir(self) -> Path:
@@ -129,10 +130,10 @@ class DeployedBackend:
                  "-M", f"backend-{os.getpid()}"],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
             )  # fmt: skip
-        backend = cls(workdir, rootfs, process, leader=0, log=log)
+        backend = cls(workdir, rootfs, process, leader=0, log=log, mongodb_uri=mongodb_uri)
         try:
             backend.leader = backend._wait_for_boot()
-            backend.deploy_output = backend._deploy(mongodb_uri, broker_name)
+            backend.deploy_output = backend.deploy(mongodb_uri, broker_name)
         except BaseException:
             backend.stop()
             raise
@@ -163,7 +164,8 @@ class DeployedBackend:
             capture_output=True, text=True, timeout=timeout, check=False,
         )  # fmt: skip
 
-    def _deploy(self, mongodb_uri: str, broker_name: str) -> str:
+    def deploy(self, mongodb_uri: str, broker_name: str) -> str:
+        """Run scripts/deploy-backend.sh in the container (again: the steps are re-runnable)."""
         result = self.run(
             f"MONGODB_URI={mongodb_uri}", f"BROKER_NAME={broker_name}",
             "bash", "/root/deploy/scripts/deploy-backend.sh", "--deb-dir", "/root/deploy/dist",

@@ -155,3 +155,27 @@ def test_ca_init_creates_a_missing_passphrase_file_and_encrypts_with_it(tmp_path
                 str(empty))  # fmt: skip
     assert blank.returncode == 1 and blank.stderr.strip().endswith(f"{empty} is empty")
     assert not (tmp_path / "ca3").exists()
+
+
+def test_ca_init_exist_ok_keeps_a_complete_ca_and_refuses_a_partial_one(tmp_path: Path) -> None:
+    """Deploy run again: `ca init --exist-ok` keeps the CA it made the first time."""
+    uri = "mongodb://127.0.0.1:1/unused"
+    secret = tmp_path / "ca-passphrase"
+    ca_dir = tmp_path / "ca"
+    base = ["ca", "init", "--dir", str(ca_dir), "--passphrase-file", str(secret), "--exist-ok"]
+    first = cli(uri, *base)
+    assert first.returncode == 0 and "CA material written" in first.stdout, first.stderr
+    before = {p.name: p.read_bytes() for p in ca_dir.iterdir()}
+    again = cli(uri, *base)
+    assert again.returncode == 0 and "already in" in again.stdout, again.stderr
+    assert {p.name: p.read_bytes() for p in ca_dir.iterdir()} == before
+    # The wrong passphrase is not "ok": the CA it names must be the one that is there.
+    wrong = tmp_path / "other-passphrase"
+    refused = cli(uri, "ca", "init", "--dir", str(ca_dir), "--passphrase-file", str(wrong),
+                  "--exist-ok")  # fmt: skip
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert not wrong.exists()  # made for an init that did not happen: removed again
+    # A partial CA (a crash mid-init) is not kept silently either.
+    (ca_dir / "root.pem").unlink()
+    partial = cli(uri, *base)
+    assert partial.returncode == 1 and "Traceback" not in partial.stderr

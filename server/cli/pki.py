@@ -54,10 +54,23 @@ def ca() -> None:
     show_default=True,
     help="DNS name of the broker (repeatable).",
 )
-def ca_init(ca_dir: Path, passphrase_file: Path | None, server_names: tuple[str, ...]) -> None:
+@click.option(
+    "--exist-ok",
+    is_flag=True,
+    help="Succeed without a change when the directory already holds a complete CA that the "
+    "passphrase unlocks (a deploy run again).",
+)
+def ca_init(
+    ca_dir: Path, passphrase_file: Path | None, server_names: tuple[str, ...], exist_ok: bool
+) -> None:
     """Create the CAs and the broker/server identities; never overwrites."""
-    from server.pki.ca import CertificateAuthority
+    from server.pki.ca import CaPaths, CertificateAuthority
 
+    if exist_ok and all(path.exists() for path in CaPaths.of(ca_dir).material()):
+        # Loading proves the keys, certificates and passphrase belong together.
+        CertificateAuthority.load(ca_dir, read_passphrase(passphrase_file))
+        click.echo(f"CA material already in {ca_dir}: kept")
+        return
     created = passphrase_file is not None and create_passphrase_file(passphrase_file)
     try:
         CertificateAuthority.init(
