@@ -75,7 +75,7 @@ def main(workdir: Path, keep_running: bool | None) -> None:
         step("starting MongoDB-wire server, CA, Mosquitto (3 TLS listeners), ACL/CRL sync")
         stack = LocalStack.start(workdir, os.environ.get("MONGODB_URI"))
         metrics_port = free_port()
-        stack.start_server(metrics_port=metrics_port)
+        stack.start_server(metrics_port=metrics_port, broker_sync=True)
         step(f"provision-server run is up (database {stack.database.safe_uri})")
         click.echo(f"metrics: http://127.0.0.1:{metrics_port}/metrics")
         devices = DeviceRepository(stack.database)

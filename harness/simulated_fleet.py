@@ -32,6 +32,7 @@ from harness.local_services import MongoWireServer, MosquittoBroker
 from harness.serial_pair import LineProxy
 from harness.simulated_board import make_board_files, make_sysfs
 from server.broker.acl_sync import AclSync
+from server.broker.layout_file import save_layout
 from server.broker.mosquitto_conf import BrokerLayout
 from server.errors import ServerError
 from server.pki.ca import CertificateAuthority
@@ -103,8 +104,14 @@ class LocalStack:
                 raise
             return cls(workdir, mongodb_uri, database, ca, broker, layout, sync, mongo)
 
-    def start_server(self, metrics_port: int | None = None) -> subprocess.Popen[bytes]:
-        """``provision-server run`` as a process; with ``metrics_port``, /metrics on loopback."""
+    def start_server(
+        self, metrics_port: int | None = None, *, broker_sync: bool = False
+    ) -> subprocess.Popen[bytes]:
+        """``provision-server run`` as a process; with ``metrics_port``, /metrics on loopback.
+
+        ``broker_sync``: the server keeps the broker's ACL/CRL files too (as deployed), so its
+        metrics show the sync and the CRL horizons; the stack's own sync stays on (they agree).
+        """
         log = self.workdir / f"server-{len(self.servers)}.log"
         argv = [
             _bin("provision-server"),
@@ -120,6 +127,9 @@ class LocalStack:
         ]
         if metrics_port is not None:
             argv += ["--metrics-port", str(metrics_port)]
+        if broker_sync:
+            save_layout(self.layout)
+            argv += ["--broker-config-dir", str(self.layout.directory)]
         with log.open("ab") as out:
             process = subprocess.Popen(
                 argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
