@@ -192,6 +192,10 @@ def test_database_commands_status_batches_and_queues_are_measured(run: Run) -> N
     assert value(run.after, "provision_queue_depth", queue="requests") == 0
     assert ("provision_queue_depth", (("queue", "status"),)) in run.after
     assert value(run.after, "provision_broker_connected") == 1
+    # The token, the CSR and their lookups went through the group commit.
+    assert value(run.after, "provision_db_group_commit_operations_total") > value(
+        run.before, "provision_db_group_commit_operations_total"
+    )
 
 
 def test_broker_sync_and_validity_horizons_are_exported(run: Run) -> None:
