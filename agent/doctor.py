@@ -193,7 +193,8 @@ class Doctor:
             problems += _ownership(key_path, FILE_MODE, "key", owner)
         if problems:
             return failed("keys", "; ".join(problems))
-        return passed("keys", f"{len(key_files)} key(s) present, owned by uid {owner}, mode 0600")
+        keys = f"{len(key_files)} key{'s' if len(key_files) != 1 else ''}"
+        return passed("keys", f"{keys} present, owned by uid {owner}, mode 0600")
 
     def _key_match(self) -> CheckResult:
         from cryptography.hazmat.primitives import serialization
@@ -223,9 +224,7 @@ class Doctor:
         return passed("key-match", f"{' and '.join(checked)} certificate{plural}")
 
     def _expiry(self) -> CheckResult:
-        birth = (
-            next(c for c in self.certificates if c.label == "birth") if self.certificates else None
-        )
+        birth = self._certificate("birth")
         if birth is not None and self.now > birth.cert.not_valid_after_utc:
             return failed(
                 "certificate",
@@ -244,8 +243,9 @@ class Doctor:
         if self.now >= end:
             return failed(
                 "certificate",
-                f"operational certificate {serial} expired on {_iso(end)}: the agent "
-                "re-provisions with its birth certificate; check the provisioning broker checks",
+                f"operational certificate {serial} expired on {_iso(end)}: the agent asks to "
+                "re-provision with its birth certificate (an operator may have to approve: "
+                "`provision-server device reprovision`); see the provisioning checks",
             )
         renew = start + (end - start) * self.config.timing.renew_fraction
         left = (end - self.now).total_seconds() / 86400

@@ -267,6 +267,7 @@ class ServerDoctor:
         try:
             client.connect(c.broker_host, c.broker_port, keepalive=10)
         except OSError as exc:
+            client._reset_sockets()
             return failed("broker", f"cannot connect to {where}: {exc}; is Mosquitto running?")
         client.loop_start()
         try:
@@ -274,6 +275,8 @@ class ServerDoctor:
             client.disconnect()
         finally:
             client.loop_stop()
+            # paho closes its wake-up socket pair only in __del__ (see mqtt_transport.stop).
+            client._reset_sockets()
         if outcome == ["Success"]:
             return passed("broker", f"{where} accepts the server identity (MQTT v5 over TLS)")
         reason = outcome[0] if outcome else "no CONNACK (TLS refused or timed out)"
