@@ -144,3 +144,16 @@ def test_an_unreachable_database_is_unavailable_to_every_waiting_request() -> No
     finally:
         database.close()
     assert all(isinstance(r, DatabaseUnavailable) for r in results), results
+
+
+def test_find_all_answers_each_request_with_all_its_documents(grouped: Database) -> None:
+    ledger = grouped.collection("certificate_issuances")
+    ledger.insert_many(
+        [{"serial": f"S{n}", "device_id": f"dev-{n % 4}", "state": "current"} for n in range(12)]
+    )
+    keys = ["dev-0", "dev-1", "dev-3", "dev-none"]
+    results = together(
+        [partial(grouped.find_all_by, "certificate_issuances", ("device_id", k)) for k in keys]
+    )
+    serials = [sorted(str(doc["serial"]) for doc in found) for found in results]  # type: ignore[attr-defined]
+    assert serials == [["S0", "S4", "S8"], ["S1", "S5", "S9"], ["S11", "S3", "S7"], []]

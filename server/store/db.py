@@ -146,6 +146,12 @@ class Database:
         result = self.call(lambda: self.collection(name).update_one(guard, update))
         return result.matched_count == 1
 
+    def find_all_by(self, name: str, key: tuple[str, Any]) -> list[Document]:
+        """Every document whose (indexed, selective) ``key`` field has the value."""
+        if self.group is not None:
+            return self.group.find_all(name, key)
+        return self.call(lambda: list(self.collection(name).find({key[0]: key[1]})))
+
     def find_by(
         self, name: str, key: tuple[str, Any], projection: Sequence[str] = ()
     ) -> Document | None:

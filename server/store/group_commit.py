@@ -17,7 +17,8 @@ Each operation keeps its own guard and gets its own answer:
   bulk's matched count equals its number of updates, all of them did; otherwise one
   read of the batch's documents tells which now hold the value only that update
   writes (its ``proof``: a new token's hash, a new certificate's serial);
-* ``find`` -> the document whose key field equals the value, or None.
+* ``find`` -> the document whose key field equals the value, or None; ``find_all`` ->
+  every document with that value (a selective field: a device's few ledger records).
 
 This module only knows pymongo; ``server.store.db.Database`` routes its batched
 helpers here when a committer is attached (``provision-server run`` does).
@@ -57,7 +58,7 @@ def _write_error(error: Document) -> pymongo.errors.WriteError:
 
 @dataclass(eq=False)
 class _Op:
-    kind: str  # "insert" | "update" | "find"
+    kind: str  # "insert" | "update" | "find" | "find_all"
     collection: str
     document: Document = field(default_factory=dict)  # insert: the doc; update: the $-update
     key: tuple[str, Any] = ("", None)  # update/find: the unique field and its value
@@ -122,6 +123,11 @@ class GroupCommit:
         """The document whose ``key`` field has ``key``'s value (a unique field)."""
         op = _Op("find", collection, key=key, projection=tuple(projection))
         found: Document | None = self._submit(op)
+        return found
+
+    def find_all(self, collection: str, key: tuple[str, Any]) -> list[Document]:
+        """Every document whose ``key`` field has the value (an indexed, selective field)."""
+        found: list[Document] = self._submit(_Op("find_all", collection, key=key))
         return found
 
     def insert_all(self, items: Iterable[tuple[str, Document]]) -> list[bool]:
@@ -198,8 +204,10 @@ class GroupCommit:
                     self._insert(chunk)
                 elif chunk[0].kind == "update":
                     self._update(chunk)
-                else:
+                elif chunk[0].kind == "find":
                     self._find(chunk)
+                else:
+                    self._find_all(chunk)
         except Exception as exc:  # every waiting worker gets the error
             for op in chunk:
                 if not op.done.is_set():
@@ -253,6 +261,18 @@ class GroupCommit:
             for doc in self.db[ops[0].collection].find(query, projection):
                 found[(key_field, doc.get(key_field))] = doc
         return [found.get(op.key, {}).get(op.proof[0]) == op.proof[1] for op in ops]
+
+    def _find_all(self, ops: list[_Op]) -> None:
+        by_field: dict[str, list[_Op]] = defaultdict(list)
+        for op in ops:
+            by_field[op.key[0]].append(op)
+        for key_field, group in by_field.items():
+            query = {key_field: {"$in": list({op.key[1] for op in group})}}
+            docs: dict[Any, list[Document]] = defaultdict(list)
+            for doc in self.db[ops[0].collection].find(query):
+                docs[doc.get(key_field)].append(doc)
+            for op in group:
+                op.finish([dict(doc) for doc in docs.get(op.key[1], [])])
 
     def _find(self, ops: list[_Op]) -> None:
         by_shape: dict[tuple[str, tuple[str, ...]], list[_Op]] = defaultdict(list)
