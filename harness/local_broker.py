@@ -10,6 +10,8 @@ from typing import Final
 
 from harness.local_services import MosquittoBroker, free_port
 from server.broker.acl_sync import read_broker_state
+from server.broker.broker_assets import install_broker_assets
+from server.broker.guard_plugin import cached_guard_plugin
 from server.broker.mosquitto_conf import BrokerLayout, write_broker_files
 from server.pki.ca import CertificateAuthority
 from server.store.db import Database
@@ -35,7 +37,8 @@ def start_local_broker(
 ) -> tuple[MosquittoBroker, BrokerLayout]:
     """Mosquitto on 127.0.0.1 free ports with files generated from ``database`` (if any).
 
-    Returns once all three listeners accept connections.
+    Returns once all three listeners accept connections. The provisioning_guard plugin is
+    built once per source version into the user's cache (needs gcc and mosquitto-dev).
     """
     server_port, provisioning_port, operational_port = ports or _distinct_free_ports(3)
     layout = BrokerLayout(
@@ -46,15 +49,17 @@ def start_local_broker(
         server_port=server_port,
         device_bind="127.0.0.1",
         run_as=pwd.getpwuid(os.getuid()).pw_name,  # keep our files readable after root drops
+        runtime_dir=Path(workdir),  # same user: Mosquitto may write its pid and log here
     )
-    factory_crl = ca.build_crl([], issuer="factory")
+    install_broker_assets(layout, cached_guard_plugin())
     if database is None:
-        write_broker_files(layout, [], [], ca.build_crl([]), factory_crl)
+        write_broker_files(layout, [], [], ca.build_crl([]), ca.build_crl([], issuer="factory"))
     else:
         state = read_broker_state(database)
         write_broker_files(
-            layout, state.acl_docs, state.revoked_device_ids, state.crl_pem(ca), factory_crl
-        )
+            layout, state.acl_docs, state.revoked_device_ids, state.crl_pem(ca),
+            state.factory_crl_pem(ca),
+        )  # fmt: skip
     broker = MosquittoBroker(layout.directory, layout.conf_path, layout.ports)
     broker.start(timeout=LOCAL_READY_TIMEOUT_S)
     return broker, layout

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need on a fresh Debian machine:
-# Debian's mosquitto (+ clients), a virtual environment in .venv with the
-# package and its test/dev extras. Idempotent and quiet when all is there.
+# Debian's mosquitto (+ clients; gcc and mosquitto-dev build the broker plugin), a virtual
+# environment in .venv with the package and its test/dev extras. Idempotent and quiet when
+# all is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +24,11 @@ command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+# The broker's provisioning_guard plugin (server/broker/provisioning_guard.c) is compiled
+# against Mosquitto's plugin headers.
+command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+[ -f /usr/include/mosquitto_broker.h ] || missing+=(mosquitto-dev)
+[ -f /usr/include/mosquitto.h ] || missing+=(libmosquitto-dev)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "bootstrap: apt-get install ${missing[*]}"
     apt_install "${missing[@]}"

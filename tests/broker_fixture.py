@@ -79,13 +79,22 @@ def write_identity(
 class LocalBroker:
     """Mosquitto with generated config on free loopback ports; files from ``database``."""
 
-    def __init__(self, workdir: Path, ca: CertificateAuthority, database: Database | None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        ca: CertificateAuthority,
+        database: Database | None,
+        running: tuple[MosquittoBroker, BrokerLayout] | None = None,
+    ) -> None:
+        """Starts a broker, unless ``running`` gives one started otherwise."""
         self.workdir = workdir
         self.ca = ca
         self.database = database
         self.mosquitto: MosquittoBroker
         self.layout: BrokerLayout
-        self.mosquitto, self.layout = start_local_broker(workdir / "broker", ca, database)
+        self.mosquitto, self.layout = running or start_local_broker(
+            workdir / "broker", ca, database
+        )
         self._identities = workdir / "identities"
 
     def log_text(self) -> str:
@@ -260,8 +269,8 @@ class MqttClient:
     def subscribe(self, topic_filter: str, timeout: float = TIMEOUT) -> int:
         """Returns the SUBACK reason code (0/1/2 = granted QoS, 135 = not authorized).
 
-        Mosquitto's acl_file does not check subscriptions (2.0.11 grants them all); the
-        read ACL is applied to each message on delivery instead.
+        The broker's provisioning_guard plugin refuses a filter the client may not read
+        (Mosquitto's acl_file alone grants every subscription).
         """
         result, mid = self.paho.subscribe(topic_filter, qos=1)
         assert result == mqtt.MQTT_ERR_SUCCESS and mid is not None

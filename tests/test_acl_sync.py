@@ -64,7 +64,7 @@ def test_web_app_insert_and_update_reach_the_running_broker(
         reloads = sync.reloads
         acls.insert_one(_acl_doc("web-1", "2", []))
         took = _eventually(lambda: device.publish("devices/web-1/app/x") in ACCEPTED, "insert")
-        assert sync.reloads > reloads
+        _eventually(lambda: sync.reloads > reloads, "reload counted")  # counted after the ack
         print(f"{sync.mode}: insert applied after {took:.2f} s")
 
         rule = {"action": "publish", "topic": "apps/web-1/out", "allow": True}
@@ -80,7 +80,7 @@ def test_web_app_insert_and_update_reach_the_running_broker(
         assert device.publish("devices/web-1/status") in ACCEPTED  # the baseline stays
 
 
-def test_revocation_refuses_the_live_session_and_the_next_connect(
+def test_revocation_cuts_the_live_session_and_refuses_the_next_connect(
     broker: LocalBroker, sync: AclSync
 ) -> None:
     assert broker.database is not None
@@ -97,8 +97,8 @@ def test_revocation_refuses_the_live_session_and_the_next_connect(
         broker.database.collection(DEVICE_CERTIFICATES).insert_one(
             {"device_id": "rev-1", "status": "revoked", "fingerprint": "f-rev-1"}
         )
-        # The open session loses its rights (the CRL only applies at the next handshake).
-        _eventually(lambda: device.publish("devices/rev-1/status") == NOT_AUTHORIZED, "deny")
+        # The open session is cut (the CRL only applies at the next handshake).
+        _eventually(lambda: not device.connected, "cut")
     assert not can_connect(broker, files, port)
     cli = broker.mosquitto_pub(files, port, "devices/rev-1/status")
     assert cli.returncode != 0, cli.stdout + cli.stderr

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import pwd
 import re
+import shutil
+import stat
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from harness.local_services import MosquittoBroker, free_port
+from server.broker.acl_sync import AclSync
+from server.broker.guard_plugin import cached_guard_plugin
+from server.broker.layout_file import load_layout
 from server.broker.mosquitto_conf import (
     BrokerError,
     BrokerLayout,
@@ -21,8 +32,10 @@ from server.broker.mosquitto_conf import (
     validate_rule,
     write_broker_files,
 )
-from server.pki.ca import CertificateAuthority
-from server.store.schema import DEVICE_ACLS
+from server.cli.main import main as server_cli
+from server.pki.ca import CertificateAuthority, serial_hex
+from server.store.db import Database
+from server.store.schema import CERTIFICATE_REVOCATIONS, DEVICE_ACLS
 from tests.broker_fixture import (
     ACCEPTED,
     NOT_AUTHORIZED,
@@ -55,29 +68,46 @@ def _listeners(conf: str) -> dict[str, dict[str, str]]:
     return blocks
 
 
-def test_conf_has_three_mtls_listeners_each_with_acl_and_crl(
+def test_conf_has_three_mtls_listeners_each_with_its_acl_crl_and_the_plugin(
     tmp_path: Path, ca: CertificateAuthority
 ) -> None:
     layout = _layout(tmp_path, ca)
     conf = render_mosquitto_conf(layout)
     assert "per_listener_settings true" in conf.splitlines()
-    assert f"pid_file {layout.pid_path}" in conf
+    # Under systemd: no pid or log file Mosquitto could not write after dropping root.
+    assert "pid_file" not in conf and "log_dest stderr" in conf.splitlines()
     listeners = _listeners(conf)
     assert set(listeners) == {"18830 127.0.0.1", "18831 0.0.0.0", "18832 0.0.0.0"}
     for options in listeners.values():
         assert options["require_certificate"] == "true"
-        assert options["use_identity_as_username"] == "true"
         assert options["allow_anonymous"] == "false"
         assert options["tls_version"] == "tlsv1.2"
+        assert options["plugin"] == str(layout.guard_plugin)
+        # Mosquitto reads copies in its own directory, never the CA's.
+        assert options["certfile"] == str(layout.broker_cert)
+        assert options["keyfile"] == str(layout.broker_key)
     server, provisioning = listeners["18830 127.0.0.1"], listeners["18831 0.0.0.0"]
     operational = listeners["18832 0.0.0.0"]
-    assert server["cafile"] == operational["cafile"] == str(ca.paths.device_ca_chain)
-    assert provisioning["cafile"] == str(ca.paths.factory_ca_chain)
+    assert [
+        server["plugin_opt_listener"],
+        provisioning["plugin_opt_listener"],
+        operational["plugin_opt_listener"],
+    ] == ["server", "provisioning", "operational"]
+    assert server["cafile"] == operational["cafile"] == str(layout.device_ca_chain)
+    assert provisioning["cafile"] == str(layout.factory_ca_chain)
     assert server["crlfile"] == operational["crlfile"] == str(layout.crl_path)
     assert provisioning["crlfile"] == str(layout.factory_crl_path)
-    assert [server["acl_file"], provisioning["acl_file"], operational["acl_file"]] == [
-        str(layout.acl_server), str(layout.acl_provisioning), str(layout.acl_operational),
-    ]  # fmt: skip
+    assert server["acl_file"] == str(layout.acl_server)
+    assert operational["acl_file"] == str(layout.acl_operational)
+    assert "acl_file" not in provisioning  # the plugin is its ACL
+    # Client id = certificate identity on the device listeners; birth usernames "CN=<id>".
+    assert server["use_identity_as_username"] == operational["use_identity_as_username"]
+    assert provisioning["use_subject_as_username"] == "true"
+    assert provisioning["use_username_as_clientid"] == "true"
+    assert operational["use_username_as_clientid"] == "true"
+    assert "use_username_as_clientid" not in server  # several server processes, one identity
+    with_runtime = dataclasses.replace(layout, runtime_dir=tmp_path / "run")
+    assert f"pid_file {tmp_path / 'run' / 'mosquitto.pid'}" in render_mosquitto_conf(with_runtime)
 
 
 def test_conf_refuses_a_path_that_would_inject_a_line(
@@ -218,11 +248,13 @@ def test_write_broker_files_reports_changes_and_writes_atomically(
     assert {p: p.stat().st_mtime_ns for p in layout.directory.iterdir()} == before
     assert write_broker_files(layout, [{"device_id": "dev-1", "tier": "3"}], [], None) is True
     assert write_broker_files(layout, docs, ["dev-1"], None) is True
-    # No temp files are left behind.
+    # No temp files are left behind; nothing is world-readable.
     assert sorted(p.name for p in layout.directory.iterdir()) == [
-        "acl-operational", "acl-provisioning", "acl-server", "crl.pem", "factory-crl.pem",
-        "mosquitto.conf",
+        "acl-operational", "acl-server", "crl.pem", "factory-crl.pem", "mosquitto.conf",
     ]  # fmt: skip
+    assert stat.S_IMODE(layout.directory.stat().st_mode) == 0o2750
+    for path in layout.directory.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path.name
 
 
 def test_write_broker_files_needs_a_crl_the_first_time(
@@ -288,9 +320,9 @@ def test_birth_certificate_request_is_answered_by_the_server_identity(
         assert device.publish("provisioning/dev-2/request") == NOT_AUTHORIZED
         assert device.publish("devices/dev-1/status") == NOT_AUTHORIZED
         assert server.messages.empty()
-        # Subscriptions are granted, but another device's responses are never delivered.
-        device.paho.unsubscribe("provisioning/dev-1/response")  # no overlapping duplicates
-        assert device.subscribe("provisioning/+/response") == 1
+        # Subscribing to other devices' responses is refused, and they are never delivered.
+        assert device.subscribe("provisioning/+/response") == NOT_AUTHORIZED
+        assert device.subscribe("provisioning/dev-2/response") == NOT_AUTHORIZED
         _delivered_only(
             device, server, "provisioning/dev-2/response", "provisioning/dev-1/response"
         )
@@ -326,7 +358,7 @@ def test_operational_certificate_never_reaches_provisioning_topics(broker: Local
         broker.client(broker.server_identity(), broker.layout.server_port) as server,
     ):
         assert device.publish("provisioning/dev-1/request") == NOT_AUTHORIZED
-        assert device.subscribe("provisioning/dev-1/response") == 1
+        assert device.subscribe("provisioning/dev-1/response") == NOT_AUTHORIZED
         assert device.subscribe("devices/dev-1/commands/#") == 1
         _delivered_only(device, server, "provisioning/dev-1/response", "devices/dev-1/commands/a")
         assert device.publish("devices/dev-1/status", b"online") in ACCEPTED
@@ -400,8 +432,13 @@ def test_tiers_and_explicit_rules_are_enforced(broker: LocalBroker) -> None:
         assert t1.publish("anything/else") == NOT_AUTHORIZED
         # Reads: own commands yes, other devices' and the fleet's no (tiers 1, 2).
         for name, client in (("t1", t1), ("t2", t2)):
-            assert client.subscribe("#") == 1  # granted; the read ACL filters delivery
+            assert client.subscribe("#") == NOT_AUTHORIZED
+            assert client.subscribe("fleet/#") == NOT_AUTHORIZED
+            assert client.subscribe(f"devices/{name}/commands/#") == 1
             _delivered_only(client, server, "fleet/news", f"devices/{name}/commands/a")
+        assert t1.subscribe("devices/t1/#") == NOT_AUTHORIZED  # tier 1 reads commands only
+        assert t2.subscribe("devices/t2/#") == 1
+        assert t1.subscribe("devices/t1/telemetry/secret") == NOT_AUTHORIZED  # the deny rule
         assert t1.subscribe("devices/t1/cert/renew/response") == 1
         # Tier 2: its whole subtree; tier 3: plus the fleet broadcast.
         assert t2.publish("devices/t2/app/x") in ACCEPTED
@@ -418,3 +455,68 @@ def test_connect_refused_is_reported_not_hung(broker: LocalBroker) -> None:
     with pytest.raises(ConnectRefused):
         broker.client(birth, broker.layout.operational_port)
     assert time.monotonic() - started < 4
+
+
+# --- the files as Debian's mosquitto reads them (issue #11 item 7) ----------------------------
+
+
+@pytest.fixture
+def traversable_dir() -> Iterator[Path]:
+    """A directory user ``mosquitto`` can traverse (pytest's tmp_path is 0700 root)."""
+    base = Path(tempfile.mkdtemp(prefix="broker-as-mosquitto-", dir="/tmp"))
+    os.chmod(base, 0o711)  # noqa: S103 (traverse, not list)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starting Mosquitto as root is what drops to it")
+def test_broker_config_output_starts_as_user_mosquitto(
+    traversable_dir: Path, ca: CertificateAuthority, mongodb_uri: str, database: Database
+) -> None:
+    """What Debian's unit does: start as root, drop to ``mosquitto`` before reading files."""
+    try:
+        broker_user = pwd.getpwnam("mosquitto")
+    except KeyError:
+        pytest.fail("Debian's mosquitto package creates user mosquitto; it is missing here")
+    out = traversable_dir / "broker"
+    ports = [free_port() for _ in range(3)]
+    result = CliRunner().invoke(server_cli, [
+        "--mongodb-uri", mongodb_uri, "broker-config", "--out", str(out),
+        "--ca-dir", str(ca.paths.directory), "--provisioning-port", str(ports[0]),
+        "--operational-port", str(ports[1]), "--server-port", str(ports[2]),
+        "--bind", "127.0.0.1", "--run-as", "mosquitto",
+        "--guard-plugin", str(cached_guard_plugin()),
+    ], catch_exceptions=False)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    # Nothing world-readable; Mosquitto's group reads everything; the key is a copy.
+    assert (out.stat().st_gid, stat.S_IMODE(out.stat().st_mode)) == (broker_user.pw_gid, 0o2750)
+    for path in out.iterdir():
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o007 == 0 and path.stat().st_gid == broker_user.pw_gid, path.name
+    assert "keyfile " + str(out / "broker.key") in (out / "mosquitto.conf").read_text()
+    assert str(ca.paths.directory) not in (out / "mosquitto.conf").read_text()
+    layout = load_layout(out)
+    broker = MosquittoBroker(traversable_dir / "run", layout.conf_path, layout.ports).start()
+    try:
+        assert broker.process is not None
+        status = Path(f"/proc/{broker.process.pid}/status").read_text()
+        assert f"Uid:\t{broker_user.pw_uid}\t" in status  # it did drop root
+        local = LocalBroker(traversable_dir, ca, database, running=(broker, layout))
+        files, cert = local.device("as-mosquitto")
+        with local.client(files, layout.operational_port) as device:
+            assert device.publish("devices/as-mosquitto/status") in ACCEPTED
+            assert device.subscribe("#") == NOT_AUTHORIZED  # the plugin loaded
+            # A reload over MQTT re-reads the files as user mosquitto and cuts the device.
+            database.collection(CERTIFICATE_REVOCATIONS).insert_one(
+                {"serial": serial_hex(cert), "device_id": "as-mosquitto"}
+            )
+            with AclSync(database, ca, layout, interval=0.2):
+                deadline = time.monotonic() + 5
+                while device.connected:
+                    assert time.monotonic() < deadline, broker.log_text()
+                    time.sleep(0.05)
+        assert not can_connect(local, files, layout.operational_port)
+    finally:
+        broker.stop()

@@ -1,15 +1,16 @@
-"""ACL rules and the three ACL files of the broker (see docs/broker.md for the tiers).
+"""ACL rules and the two ACL files of the broker (see docs/broker.md for the tiers).
 
 A rule the web app stored in ``device_acls`` is never copied into a file unchecked:
 topics are validated (no newline, no ``%`` substitution, wildcards only as whole levels,
 allow rules stay out of other devices' and the provisioning namespace) and invalid rules
-are skipped and logged, so no database write can inject an ACL line.
+are skipped and logged, so no database write can inject an ACL line. Birth certificates
+have no ACL file: provisioning_guard.c is the provisioning listener's whole ACL.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -37,14 +38,13 @@ BASE_PATTERNS: Final = (
     ("write", f"{DEVICES_PREFIX}/%u/telemetry/#"),
     ("read", f"{DEVICES_PREFIX}/%u/commands/#"),
 )
-PROVISIONING_PATTERNS: Final = (
-    ("write", f"{PROVISIONING_PREFIX}/%u/request"),
-    ("read", f"{PROVISIONING_PREFIX}/%u/response"),
-)
 SERVER_TOPICS: Final = (
     ("readwrite", f"{PROVISIONING_PREFIX}/#"),
     ("readwrite", f"{DEVICES_PREFIX}/#"),
     ("readwrite", "fleet/#"),
+    # provisioning_guard.c: reload + kick requests, and their answers.
+    ("write", "$CONTROL/provisioning-guard/v1"),
+    ("read", "$CONTROL/provisioning-guard/v1/response"),
 )
 
 
@@ -155,6 +155,41 @@ def _device_block(doc: Mapping[str, Any], client_id: str) -> list[str]:
     return [f"topic {access} {topic}" for access, topic in entries]
 
 
+def device_block(doc: Mapping[str, Any]) -> tuple[str, list[str]] | None:
+    """``(clientId, lines of its user block)`` of one ``device_acls`` document.
+
+    None for a document that is skipped (logged): no usable ``device_id``, or the
+    server's reserved name. The lines are empty for a plain tier-1 device.
+    """
+    client_id = doc.get("device_id")
+    if not isinstance(client_id, str) or not CLIENT_ID_RE.match(client_id):
+        log.warning("event=acl_doc_skipped reason=bad_device_id device_id=%r", client_id)
+        return None
+    if client_id == SERVER_CLIENT_CN:
+        log.warning("event=acl_doc_skipped reason=reserved_device_id device_id=%s", client_id)
+        return None
+    return client_id, _device_block(doc, client_id)
+
+
+REVOKED_BLOCK: Final = ("topic deny #",)
+"""A revoked device's whole block: Mosquitto checks a user's denials before any grant and
+before the patterns, so its sessions lose every right at the reload."""
+
+
+def render_blocks(blocks: Mapping[str, Sequence[str]], revoked_device_ids: Iterable[str]) -> str:
+    """The operational ACL from per-device blocks (``device_block``) and revoked devices."""
+    revoked = {
+        d for d in revoked_device_ids
+        if isinstance(d, str) and CLIENT_ID_RE.match(d) and d != SERVER_CLIENT_CN
+    }  # fmt: skip
+    out = [_HEADER, *(f"pattern {access} {topic}\n" for access, topic in BASE_PATTERNS)]
+    for client_id in sorted(revoked.union(c for c, lines in blocks.items() if lines)):
+        lines = REVOKED_BLOCK if client_id in revoked else blocks[client_id]
+        out.append(f"\nuser {client_id}\n")
+        out.extend(line + "\n" for line in lines)
+    return "".join(out)
+
+
 def render_operational_acl(
     acl_docs: Iterable[Mapping[str, Any]], revoked_device_ids: Iterable[str]
 ) -> str:
@@ -162,39 +197,21 @@ def render_operational_acl(
 
     Baseline (tier '1') rights are ``pattern`` lines, which apply to every user. Tiers '2'
     and '3' and explicit rules become a ``user <clientId>`` block after them. A device
-    whose current certificate is revoked gets ``topic deny #`` instead: Mosquitto checks
-    a user's denials before any grant, so its live session loses every right at reload.
+    whose current certificate is revoked gets ``topic deny #`` instead.
     """
-    revoked = {d for d in revoked_device_ids if isinstance(d, str) and CLIENT_ID_RE.match(d)}
+    revoked = frozenset(revoked_device_ids)
     blocks: dict[str, list[str]] = {}
     for doc in acl_docs:
-        client_id = doc.get("device_id")
-        if not isinstance(client_id, str) or not CLIENT_ID_RE.match(client_id):
-            log.warning("event=acl_doc_skipped reason=bad_device_id device_id=%r", client_id)
+        if doc.get("device_id") in revoked or doc.get("device_id") in blocks:
             continue
-        if client_id == SERVER_CLIENT_CN:
-            log.warning("event=acl_doc_skipped reason=reserved_device_id device_id=%s", client_id)
-            continue
-        if client_id in revoked or client_id in blocks:
-            continue
-        lines = _device_block(doc, client_id)
-        if lines:
-            blocks[client_id] = lines
-    for client_id in revoked - {SERVER_CLIENT_CN}:
-        blocks[client_id] = ["topic deny #"]
-    out = [_HEADER, *(f"pattern {access} {topic}\n" for access, topic in BASE_PATTERNS)]
-    for client_id in sorted(blocks):
-        out.append(f"\nuser {client_id}\n")
-        out.extend(line + "\n" for line in blocks[client_id])
-    return "".join(out)
-
-
-def render_provisioning_acl() -> str:
-    """Birth certificates: write their own request topic, read their own response topic."""
-    return _HEADER + "".join(f"pattern {a} {t}\n" for a, t in PROVISIONING_PATTERNS)
+        found = device_block(doc)
+        if found is not None:
+            blocks[found[0]] = found[1]
+    return render_blocks(blocks, revoked)
 
 
 def render_server_acl() -> str:
+    """The server identity on its loopback listener; it alone may use the guard's control."""
     return (
         _HEADER
         + f"user {SERVER_CLIENT_CN}\n"

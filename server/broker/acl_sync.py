@@ -1,18 +1,23 @@
-"""Keep the broker's ACL files and CRL in step with MongoDB.
+"""Keep the broker's ACL file and CRLs in step with MongoDB, and cut revoked sessions.
 
-``AclSync`` regenerates the files from ``device_acls``, ``device_certificates`` and
-``certificate_revocations`` and SIGHUPs Mosquitto when a file changed. It notices
+``AclSync`` mirrors ``device_acls``, ``device_certificates`` and ``certificate_revocations``
+in memory (``FleetState``), writes the broker's files when they change, and asks the
+broker's provisioning_guard plugin (``BrokerControl``, over MQTT) to reload them and then to
+disconnect the sessions of every device whose certificate was just revoked. It notices
 changes written by anybody (the web app writes ``device_acls`` directly):
 
 * with a change stream (``db.watch``) where the server offers one (secantusdb, a replica
-  set, Atlas): a change is applied within about ``interval`` seconds;
+  set, Atlas): the changed ``_id``s are re-read (no rescan); a batch closes
+  ``BATCH_WINDOW_S`` after its first change however many follow, so a stream of writes
+  cannot postpone a sync (the old "drain until empty" starved for 78 s under load);
 * otherwise (standalone mongod) by polling a cheap fingerprint every ``interval``
-  (counts, newest ``last_updated``) - an edit that does not touch ``last_updated``
-  is picked up by the full resync every ``full_resync`` seconds.
+  (counts, newest ``last_updated``); an edit that does not touch ``last_updated`` is
+  picked up by the full resync every ``full_resync`` seconds (change streams do one too).
 
-The CRL is rebuilt when the set of revoked serials changes and every ``crl_refresh``
-(default 1 day) although nothing changed, because OpenSSL refuses EVERY client of the
-listener once the CRL's nextUpdate (``crl_validity``, default 7 days) has passed.
+The CRLs are rebuilt when their serials change and every ``crl_refresh`` (default 1 day)
+although nothing changed, because OpenSSL refuses EVERY client of the listener once the
+CRL's nextUpdate (``crl_validity``, default 7 days) has passed. Revocations whose
+document says ``"kind": "birth"`` go on the factory CRL (provisioning listener).
 """
 
 from __future__ import annotations
@@ -21,11 +26,11 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import pymongo
 import pymongo.errors
@@ -33,7 +38,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from pymongo.change_stream import DatabaseChangeStream
 
-from server.broker.mosquitto_conf import BrokerLayout, reload_broker, write_broker_files
+from server.broker.broker_assets import install_broker_assets
+from server.broker.broker_control import BrokerControl
+from server.broker.fleet_state import WATCHED, Cuts, FleetState
+from server.broker.fleet_state import parse_serial as parse_serial  # re-exported
+from server.broker.mosquitto_conf import BrokerLayout, write_broker_files
 from server.errors import ServerError
 from server.pki.ca import CertificateAuthority
 from server.store.db import Database, Document
@@ -46,34 +55,23 @@ from server.store.schema import (
 
 log = logging.getLogger(__name__)
 
-WATCHED: Final = (DEVICE_ACLS, DEVICE_CERTIFICATES, CERTIFICATE_REVOCATIONS)
 DEFAULT_CRL_VALIDITY: Final = timedelta(days=7)
 DEFAULT_CRL_REFRESH: Final = timedelta(days=1)
-
-
-def parse_serial(value: object) -> int | None:
-    """A revocation's ``serial``: hex string (``certificateSerial`` spelling, colons ok) or int."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if value > 0 else None
-    if isinstance(value, str):
-        text = value.replace(":", "").strip()
-        try:
-            number = int(text, 16)
-        except ValueError:
-            return None
-        return number if number > 0 else None
-    return None
+BATCH_WINDOW_S: Final = 0.05
+"""How long a batch stays open after its first change (bounded: changes keep coming)."""
+MAX_BATCH: Final = 5000
+STREAM_WAIT_MS: Final = 100
+"""The change stream's longest wait for a change (keeps batches and stop() prompt)."""
 
 
 @dataclass(frozen=True)
 class BrokerState:
-    """What the broker's files are generated from."""
+    """What the broker's files are generated from (a full read; see FleetState)."""
 
     acl_docs: tuple[Document, ...]
     revoked_device_ids: frozenset[str]
     revoked_serials: tuple[tuple[int, datetime], ...]
+    birth_serials: tuple[tuple[int, datetime], ...] = ()
 
     @property
     def serial_set(self) -> frozenset[int]:
@@ -84,47 +82,25 @@ class BrokerState:
     ) -> bytes:
         return ca.build_crl(self.revoked_serials, validity)
 
+    def factory_crl_pem(
+        self, ca: CertificateAuthority, validity: timedelta = DEFAULT_CRL_VALIDITY
+    ) -> bytes:
+        return ca.build_crl(self.birth_serials, validity, issuer="factory")
+
 
 def read_broker_state(database: Database) -> BrokerState:
     """Read the three collections (raises DatabaseUnavailable when MongoDB is away)."""
-
-    def read() -> BrokerState:
-        acls = tuple(
-            database.collection(DEVICE_ACLS).find(
-                {}, {"_id": 0, "device_id": 1, "tier": 1, "rules": 1}
-            )
-        )
-        revoked_ids = frozenset(
-            doc["device_id"]
-            for doc in database.collection(DEVICE_CERTIFICATES).find(
-                {"status": CertificateStatus.REVOKED.value}, {"_id": 0, "device_id": 1}
-            )
-            if isinstance(doc.get("device_id"), str)
-        )
-        serials: dict[int, datetime] = {}
-        for doc in database.collection(CERTIFICATE_REVOCATIONS).find({}, {"_id": 0}):
-            serial = parse_serial(doc.get("serial"))
-            if serial is None:
-                log.warning(
-                    "event=revocation_skipped reason=bad_serial serial=%r", doc.get("serial")
-                )
-                continue
-            serials[serial] = _revocation_date(doc)
-        return BrokerState(acls, revoked_ids, tuple(sorted(serials.items())))
-
-    return database.call(read)
-
-
-def _revocation_date(doc: Mapping[str, Any]) -> datetime:
-    for key in ("revoked_at", "created_at"):
-        value = doc.get(key)
-        if isinstance(value, datetime):
-            return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    return datetime.now(timezone.utc)
+    fleet = FleetState.load(database)
+    return BrokerState(
+        tuple(fleet.acl_docs.values()),
+        fleet.revoked_device_ids,
+        tuple(sorted(fleet.serials(birth=False).items())),
+        tuple(sorted(fleet.serials(birth=True).items())),
+    )
 
 
 class AclSync:
-    """Background thread that keeps the broker's ACL files and CRL up to date."""
+    """Background thread that keeps the broker's ACL file and CRLs current and cuts sessions."""
 
     def __init__(
         self,
@@ -137,6 +113,7 @@ class AclSync:
         crl_validity: timedelta = DEFAULT_CRL_VALIDITY,
         crl_refresh: timedelta = DEFAULT_CRL_REFRESH,
         use_change_streams: bool = True,
+        control: BrokerControl | None = None,
     ) -> None:
         if crl_refresh >= crl_validity:
             raise ServerError("crl_refresh must be shorter than crl_validity")
@@ -148,16 +125,22 @@ class AclSync:
         self.crl_validity = crl_validity
         self.crl_refresh = crl_refresh
         self.use_change_streams = use_change_streams
+        self.control = control or BrokerControl(layout)
         self.mode = "idle"
         """``change_stream`` or ``polling`` once running (for logs and tests)."""
         self.syncs = 0
         self.reloads = 0
+        self.kicked = 0
         self.failures = 0
         self.last_success: float | None = None
         """Wall-clock time of the last completed sync (for the metrics)."""
+        self.last_apply_s = 0.0
+        """Seconds from the first change of the last batch until the broker confirmed it."""
         self._pending_since: float | None = None  # wall clock: the change's own time
         self._last_lag = 0.0
+        self.fleet: FleetState | None = None
         self._lock = threading.Lock()
+        self._pending = Cuts()
         self._reload_pending = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -165,34 +148,59 @@ class AclSync:
     # -- one synchronisation --
 
     def sync_now(self) -> bool:
-        """Regenerate the files now; SIGHUP the broker if one changed. True if changed."""
+        """Read everything, write the files, reload if one changed; True if one changed.
+
+        Compared with the previous full read (if any), newly revoked devices are cut.
+        """
         with self._lock:
             pending = self._pending_since
-            state = read_broker_state(self.database)
-            changed = write_broker_files(
-                self.layout,
-                state.acl_docs,
-                state.revoked_device_ids,
-                self._crl_if_needed(state),
-                self._factory_crl_if_needed(),
-            )
-            self.syncs += 1
-            if changed or self._reload_pending:
-                # Stays pending if the SIGHUP fails, so the next sync retries it although
-                # the files no longer change.
-                self._reload_pending = True
-                reload_broker(self.layout)
-                self._reload_pending = False
-                self.reloads += 1
-                log.info(
-                    "event=acl_sync_applied devices=%d revoked_devices=%d revoked_serials=%d",
-                    len(state.acl_docs), len(state.revoked_device_ids), len(state.revoked_serials),
-                )  # fmt: skip
-            if pending is not None:
-                self._last_lag = max(0.0, time.time() - pending)
-                self._pending_since = None
-            self.last_success = time.time()
+            before = self.fleet
+            self.fleet = FleetState.load(self.database)
+            if before is not None:
+                cuts = self.fleet.changes_since(before)
+            else:
+                cuts = self.fleet.changes_since_files(*self._enforced())
+            changed = self._apply(cuts)
+            self._completed(pending)
             return changed
+
+    def _enforced(self) -> tuple[frozenset[int], frozenset[int], frozenset[str]]:
+        """Serials on the broker's two CRLs and devices with a deny-all block, as written."""
+
+        def listed(path: Path) -> frozenset[int]:
+            try:
+                return frozenset(e.serial_number for e in x509.load_pem_x509_crl(path.read_bytes()))
+            except (OSError, ValueError):
+                return frozenset()
+
+        denied: set[str] = set()
+        with contextlib.suppress(OSError):
+            user = None
+            for line in self.layout.acl_operational.read_text().splitlines():
+                if line.startswith("user "):
+                    user = line[5:]
+                elif user is not None and line == "topic deny #":
+                    denied.add(user)
+        return listed(self.layout.crl_path), listed(self.layout.factory_crl_path), frozenset(denied)
+
+    def _apply_changes(self, dirty: dict[str, set[Any]], first_change: float) -> None:
+        with self._lock:
+            pending = self._pending_since
+            if self.fleet is None:
+                self.fleet = FleetState.load(self.database)
+                cuts = Cuts()
+            else:
+                cuts = self.fleet.refresh(self.database, dirty)
+            self._apply(cuts)
+            self._completed(pending)
+            self.last_apply_s = time.monotonic() - first_change
+
+    def _completed(self, pending: float | None) -> None:
+        if pending is not None:
+            self._last_lag = max(0.0, time.time() - pending)
+            if self._pending_since == pending:
+                self._pending_since = None
+        self.last_success = time.time()
 
     def note_change(self, written_at: object = None) -> None:
         """A database change was seen: the lag runs until a sync completes after it.
@@ -213,17 +221,48 @@ class AclSync:
         pending = self._pending_since
         return max(0.0, time.time() - pending) if pending is not None else self._last_lag
 
-    def _crl_if_needed(self, state: BrokerState) -> bytes | None:
-        """A new device CRL if the revoked set changed or the current one is due; else None."""
-        if self._crl_is_current(self.layout.crl_path, self.ca.device_ca, state.serial_set):
-            return None
-        return state.crl_pem(self.ca, self.crl_validity)
+    def _apply(self, cuts: Cuts) -> bool:
+        """Write what changed; reload (then cut) when a file changed or a cut is due."""
+        fleet = self.fleet
+        assert fleet is not None
+        changed = write_broker_files(
+            self.layout,
+            (),
+            (),
+            self._crl_if_needed(self.layout.crl_path, fleet.serials(birth=False), "device"),
+            self._crl_if_needed(self.layout.factory_crl_path, fleet.serials(birth=True), "factory"),
+            operational_acl=fleet.operational_acl(),
+        )
+        self.syncs += 1
+        # Kept until the broker confirms, so a failed reload is retried by the next pass
+        # (files unchanged by then) and no cut is lost.
+        self._pending = Cuts(
+            self._pending.devices | cuts.devices, self._pending.births | cuts.births
+        )
+        self._reload_pending = self._reload_pending or changed or bool(self._pending)
+        if self._reload_pending:
+            pending = self._pending
+            took = self.control.reload(kick=pending.devices, kick_birth=pending.births)
+            self._reload_pending, self._pending = False, Cuts()
+            self.reloads += 1
+            self.kicked += len(pending.devices) + len(pending.births)
+            log.info(
+                "event=acl_sync_applied devices=%d revoked_devices=%d cut=%s cut_birth=%s "
+                "reload_s=%.3f",
+                len(fleet.acl_docs), len(fleet.revoked_device_ids),
+                ",".join(sorted(pending.devices)) or "-", ",".join(sorted(pending.births)) or "-",
+                took,
+            )  # fmt: skip
+        return changed
 
-    def _factory_crl_if_needed(self) -> bytes | None:
-        """The factory CRL lists nothing (no birth revocations yet) but must stay fresh."""
-        if self._crl_is_current(self.layout.factory_crl_path, self.ca.factory_ca, frozenset()):
+    def _crl_if_needed(
+        self, path: Path, revoked: dict[int, datetime], issuer: Literal["device", "factory"]
+    ) -> bytes | None:
+        """A new CRL if its serials changed or the current one is due; else None."""
+        issuer_cert = self.ca.device_ca if issuer == "device" else self.ca.factory_ca
+        if self._crl_is_current(path, issuer_cert, frozenset(revoked)):
             return None
-        return self.ca.build_crl([], self.crl_validity, issuer="factory")
+        return self.ca.build_crl(sorted(revoked.items()), self.crl_validity, issuer=issuer)
 
     def _crl_is_current(
         self, path: Path, issuer: x509.Certificate, serials: frozenset[int]
@@ -258,6 +297,7 @@ class AclSync:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        self.control.close()
         self.mode = "idle"
 
     def __enter__(self) -> AclSync:
@@ -268,9 +308,14 @@ class AclSync:
 
     def _run(self) -> None:
         stream_allowed = self.use_change_streams
+        assets_copied = False
         while not self._stop.is_set():
             stream: DatabaseChangeStream[Document] | None = None
             try:
+                if not assets_copied:
+                    # A re-issued broker certificate reaches the broker's copies.
+                    install_broker_assets(self.layout)
+                    assets_copied = True
                 # Open the stream before syncing, so no change falls between the two.
                 if stream_allowed:
                     stream = self._open_stream()
@@ -294,10 +339,9 @@ class AclSync:
 
     def _open_stream(self) -> DatabaseChangeStream[Document] | None:
         pipeline = [{"$match": {"ns.coll": {"$in": list(WATCHED)}}}]
-        max_await = max(50, int(self.interval * 1000))
         try:
             return self.database.call(
-                lambda: self.database.db.watch(pipeline, max_await_time_ms=max_await)
+                lambda: self.database.db.watch(pipeline, max_await_time_ms=STREAM_WAIT_MS)
             )
         except pymongo.errors.OperationFailure as exc:
             # A standalone mongod: "$changeStream stage is only supported on replica sets".
@@ -305,17 +349,48 @@ class AclSync:
             return None
 
     def _follow_stream(self, stream: DatabaseChangeStream[Document]) -> None:
-        """Return after a change (debounced) or when the full resync is due."""
+        """Apply changes batch by batch; return when the full resync is due.
+
+        A batch closes BATCH_WINDOW_S after its first change (or at MAX_BATCH), whatever
+        keeps arriving: the latency is bounded by the window plus one apply, never by
+        the write rate. Changes arriving during an apply wait in the stream for the next.
+        """
         deadline = time.monotonic() + self.full_resync
         while not self._stop.is_set() and time.monotonic() < deadline:
             change = stream.try_next()
-            if change is not None:
-                self.note_change(change.get("wallTime"))
-                # Drain what arrived together, so a burst costs one sync.
-                while stream.try_next() is not None and not self._stop.is_set():
-                    pass
-                self.sync_now()
-                deadline = time.monotonic() + self.full_resync
+            if change is None:
+                continue
+            first_change = time.monotonic()
+            self.note_change(change.get("wallTime"))
+            dirty: dict[str, set[Any]] = defaultdict(set)
+            full = not self._note(dirty, change)
+            count = 1
+            while (
+                not full
+                and count < MAX_BATCH
+                and time.monotonic() - first_change < BATCH_WINDOW_S
+                and not self._stop.is_set()
+            ):
+                change = stream.try_next()
+                if change is None:
+                    break
+                full = not self._note(dirty, change)
+                count += 1
+            if full:
+                return  # a dropped collection or an invalidated stream: read everything
+            self._apply_changes(dirty, first_change)
+
+    @staticmethod
+    def _note(dirty: dict[str, set[Any]], change: Document) -> bool:
+        """Record the changed document; False for events that need a full read."""
+        collection = (change.get("ns") or {}).get("coll")
+        key = (change.get("documentKey") or {}).get("_id")
+        operation = change.get("operationType")
+        if operation in ("insert", "update", "replace", "delete") and key is not None:
+            if collection in WATCHED:
+                dirty[collection].add(key)
+            return True
+        return False
 
     def _fingerprint(self) -> tuple[object, ...]:
         def read() -> tuple[object, ...]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from server.broker.mosquitto_conf import BrokerLayout
+from server.broker.mosquitto_conf import BrokerLayout, replace_if_changed
 from server.errors import ConfigError
 from server.pki.ca import CaPaths
 
@@ -21,8 +21,9 @@ def save_layout(layout: BrokerLayout) -> Path:
         "server_port": layout.server_port,
         "device_bind": layout.device_bind,
         "run_as": layout.run_as,
+        "runtime_dir": str(layout.runtime_dir) if layout.runtime_dir else None,
     }
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    replace_if_changed(path, (json.dumps(data, indent=2) + "\n").encode())
     return path
 
 
@@ -38,6 +39,7 @@ def load_layout(directory: Path) -> BrokerLayout:
             server_port=int(data["server_port"]),
             device_bind=str(data["device_bind"]),
             run_as=data.get("run_as"),
+            runtime_dir=Path(data["runtime_dir"]) if data.get("runtime_dir") else None,
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(

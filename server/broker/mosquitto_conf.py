@@ -1,46 +1,57 @@
-"""Mosquitto configuration: three mTLS listeners, per-listener ACL files, the CRL.
+"""Mosquitto configuration: three mTLS listeners, per-listener ACLs, the CRLs, the plugin.
 
-Everything the broker reads lives in one directory (``BrokerLayout.directory``)::
+Everything the broker reads lives in one directory (``BrokerLayout.directory``), so
+Mosquitto, which drops root to its own user before it reads anything, needs read access
+to this directory only (never to the CA's)::
 
-    mosquitto.conf      listeners, TLS, one acl_file per listener (per_listener_settings)
-    acl-server          the server identity: provisioning/# and devices/# (127.0.0.1 only)
-    acl-provisioning    birth certificates: only their own request/response topics
-    acl-operational     operational certificates: tier patterns + per-device user blocks
-    crl.pem             device CA CRL, loaded by the server and operational listeners
-    factory-crl.pem     factory CA CRL, loaded by the provisioning listener
-    mosquitto.pid       written by Mosquitto; ``reload_broker`` sends SIGHUP to it
-    mosquitto.log
+    mosquitto.conf        listeners, TLS, per-listener ACL file and plugin
+    acl-server            the server identity: provisioning/#, devices/#, fleet/#, control
+    acl-operational       operational certificates: tier patterns + per-device user blocks
+    crl.pem               device CA CRL, loaded by the server and operational listeners
+    factory-crl.pem       factory CA CRL, loaded by the provisioning listener
+    broker.pem, broker.key, device-ca-chain.pem, factory-ca-chain.pem
+                          copies of the CA's files (server/broker/broker_assets.py)
+    provisioning_guard.so the plugin (server/broker/guard_plugin.py): SUBSCRIBE checks,
+                          the birth certificates' ACL, reload and kick over MQTT
 
-The ACL files are rendered by server/broker/acl_rules.py from ``device_acls`` documents
+Files are mode 0640 in a setgid 0750 directory whose group is Mosquitto's: nothing in it
+is world-readable. Mosquitto's pid and log files go to ``runtime_dir`` when one is set
+(the local harness); under systemd there is none (main PID, journal).
+The ACL file is rendered by server/broker/acl_rules.py from ``device_acls`` documents
 (validated rule by rule, so no database write can inject an ACL line).
 """
 
 from __future__ import annotations
 
 import contextlib
+import grp
 import logging
 import os
+import pwd
 import signal
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from agent.storage import atomic_write
 from server.broker.acl_rules import InvalidRule as InvalidRule  # "X as X": re-exported for tests
 from server.broker.acl_rules import render_operational_acl as render_operational_acl
-from server.broker.acl_rules import render_provisioning_acl, render_server_acl
+from server.broker.acl_rules import render_server_acl
 from server.broker.acl_rules import validate_rule as validate_rule
+from server.broker.guard_plugin import PLUGIN_NAME
 from server.errors import ServerError
 from server.pki.ca import CaPaths
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 
 MAX_PACKET_BYTES: Final = 1024 * 1024
-BROKER_FILE_MODE: Final = 0o644  # Mosquitto may run as another user after dropping root
+BROKER_FILE_MODE: Final = 0o640
+"""Readable by Mosquitto's group, by nobody else (the broker key is one of these files)."""
+BROKER_DIR_MODE: Final = 0o2750
+"""setgid: files created in it (the sync's atomic replacements) get the directory's group."""
+DEFAULT_BROKER_USER: Final = "mosquitto"
 
 
 class BrokerError(ServerError):
@@ -59,6 +70,8 @@ class BrokerLayout:
     device_bind: str = "0.0.0.0"  # noqa: S104 (devices connect from the network)
     run_as: str | None = None
     """Mosquitto's ``user`` option (it drops root to this user; default ``mosquitto``)."""
+    runtime_dir: Path | None = None
+    """Where Mosquitto writes its pid and log files (it must be able to); None: neither."""
 
     @property
     def conf_path(self) -> Path:
@@ -67,10 +80,6 @@ class BrokerLayout:
     @property
     def acl_server(self) -> Path:
         return self.directory / "acl-server"
-
-    @property
-    def acl_provisioning(self) -> Path:
-        return self.directory / "acl-provisioning"
 
     @property
     def acl_operational(self) -> Path:
@@ -85,12 +94,32 @@ class BrokerLayout:
         return self.directory / "factory-crl.pem"
 
     @property
+    def broker_cert(self) -> Path:
+        return self.directory / "broker.pem"
+
+    @property
+    def broker_key(self) -> Path:
+        return self.directory / "broker.key"
+
+    @property
+    def device_ca_chain(self) -> Path:
+        return self.directory / "device-ca-chain.pem"
+
+    @property
+    def factory_ca_chain(self) -> Path:
+        return self.directory / "factory-ca-chain.pem"
+
+    @property
+    def guard_plugin(self) -> Path:
+        return self.directory / PLUGIN_NAME
+
+    @property
     def pid_path(self) -> Path:
-        return self.directory / "mosquitto.pid"
+        return (self.runtime_dir or self.directory) / "mosquitto.pid"
 
     @property
     def log_path(self) -> Path:
-        return self.directory / "mosquitto.log"
+        return (self.runtime_dir or self.directory) / "mosquitto.log"
 
     @property
     def ports(self) -> tuple[int, int, int]:
@@ -108,14 +137,18 @@ def _conf_value(value: object) -> str:
 
 
 def render_mosquitto_conf(layout: BrokerLayout) -> str:
-    """The whole ``mosquitto.conf``: three TLS listeners, each with its own ACL file."""
+    """The whole ``mosquitto.conf``: three TLS listeners, each with its ACL and the plugin."""
     v = _conf_value
     lines = [
         "# Generated by server.broker.mosquitto_conf; rewritten on every sync, do not edit.",
         "per_listener_settings true",
         "persistence false",
-        f"pid_file {v(layout.pid_path)}",
-        f"log_dest file {v(layout.log_path)}",
+    ]
+    if layout.runtime_dir is not None:
+        lines += [f"pid_file {v(layout.pid_path)}", f"log_dest file {v(layout.log_path)}"]
+    else:
+        lines.append("log_dest stderr")  # systemd: the journal
+    lines += [
         *(f"log_type {t}" for t in ("error", "warning", "notice", "information")),
         "connection_messages true",
         "log_timestamp_format %Y-%m-%dT%H:%M:%S",
@@ -127,22 +160,21 @@ def render_mosquitto_conf(layout: BrokerLayout) -> str:
     if layout.run_as:
         lines.append(f"user {v(layout.run_as)}")
 
-    def listener(title: str, port: int, bind: str, cafile: Path, acl: Path, crl: Path) -> list[str]:
-        block = [
+    def listener(name: str, title: str, port: int, bind: str, cafile: Path, crl: Path) -> list[str]:
+        return [
             "",
             f"# {title}",
             f"listener {int(port)} {v(bind)}",
-            f"certfile {v(layout.ca.broker_cert)}",
-            f"keyfile {v(layout.ca.broker_key)}",
+            f"certfile {v(layout.broker_cert)}",
+            f"keyfile {v(layout.broker_key)}",
             f"cafile {v(cafile)}",
+            f"crlfile {v(crl)}",
             "tls_version tlsv1.2",
             "require_certificate true",
-            "use_identity_as_username true",
             "allow_anonymous false",
-            f"acl_file {v(acl)}",
-            f"crlfile {v(crl)}",
+            f"plugin {v(layout.guard_plugin)}",
+            f"plugin_opt_listener {name}",
         ]
-        return block
 
     # Both chains end at the same root, so a cafile alone would let a birth certificate
     # (sent with its factory CA) onto a device-CA listener and vice versa. Every listener
@@ -150,35 +182,80 @@ def render_mosquitto_conf(layout: BrokerLayout) -> str:
     # file. The device CA's CRL keeps birth certificates off the server and operational
     # listeners; the factory CA's keeps operational certificates off the provisioning one.
     lines += listener(
-        "server: the provisioning server's own identity (device CA), loopback only",
-        layout.server_port, "127.0.0.1", layout.ca.device_ca_chain, layout.acl_server,
-        layout.crl_path,
+        "server", "server: the provisioning server's own identity (device CA), loopback only",
+        layout.server_port, "127.0.0.1", layout.device_ca_chain, layout.crl_path,
     )  # fmt: skip
+    # Several server processes share one identity: their client ids stay their own.
+    lines += ["use_identity_as_username true", f"acl_file {v(layout.acl_server)}"]
     lines += listener(
-        "provisioning: birth certificates (factory CA) + factory CRL",
-        layout.provisioning_port, layout.device_bind, layout.ca.factory_ca_chain,
-        layout.acl_provisioning, layout.factory_crl_path,
+        "provisioning", "provisioning: birth certificates (factory CA) + factory CRL",
+        layout.provisioning_port, layout.device_bind, layout.factory_ca_chain,
+        layout.factory_crl_path,
     )  # fmt: skip
+    # Username "CN=<clientId>" (the whole subject): never equal to an operational username,
+    # so a birth session cannot take over (or inherit the rights of) an operational one.
+    # The plugin is this listener's whole ACL.
+    lines += ["use_subject_as_username true", "use_username_as_clientid true"]
     lines += listener(
-        "operational: operational certificates (device CA) + device CRL",
-        layout.operational_port, layout.device_bind, layout.ca.device_ca_chain,
-        layout.acl_operational, layout.crl_path,
+        "operational", "operational: operational certificates (device CA) + device CRL",
+        layout.operational_port, layout.device_bind, layout.device_ca_chain, layout.crl_path,
     )  # fmt: skip
+    lines += [
+        "use_identity_as_username true",
+        "use_username_as_clientid true",  # a certificate cannot take another client id
+        f"acl_file {v(layout.acl_operational)}",
+    ]
     return "\n".join(lines) + "\n"
+
+
+# --- the directory Mosquitto reads ----------------------------------------------
+
+
+def broker_group(layout: BrokerLayout) -> int | None:
+    """The gid of Mosquitto's user (``run_as``, else ``mosquitto``); None if no such user."""
+    try:
+        return pwd.getpwnam(layout.run_as or DEFAULT_BROKER_USER).pw_gid
+    except KeyError:
+        return None
+
+
+def prepare_broker_directory(layout: BrokerLayout, *, enforce: bool = False) -> None:
+    """Create the directory: mode 2750, group = Mosquitto's (its files inherit the group).
+
+    An existing directory is left as it is unless ``enforce`` (broker-config): the sync
+    may run where it cannot see Mosquitto's group (systemd's PrivateUsers=).
+    """
+    directory = layout.directory
+    if directory.is_dir() and not enforce:
+        return
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    gid = broker_group(layout)
+    st = directory.stat()
+    try:
+        if gid is not None and st.st_gid != gid:
+            os.chown(directory, -1, gid)
+        if stat.S_IMODE(st.st_mode) != BROKER_DIR_MODE:
+            os.chmod(directory, BROKER_DIR_MODE)
+    except PermissionError:
+        group = grp.getgrgid(gid).gr_name if gid is not None else "?"
+        raise BrokerError(
+            f"cannot give group {group} read access to {directory}: run broker-config as root "
+            f"or as a member of {group}"
+        ) from None
 
 
 # --- writing and reloading -------------------------------------------------------
 
 
-def _replace_if_changed(path: Path, data: bytes) -> bool:
-    """Atomically replace ``path`` (mode 0644) unless it already holds ``data``.
+def replace_if_changed(path: Path, data: bytes, mode: int = BROKER_FILE_MODE) -> bool:
+    """Atomically replace ``path`` unless it already holds ``data``; True if written.
 
     Unchanged files keep their mtime, so callers can skip the broker reload.
     """
     with contextlib.suppress(FileNotFoundError):
-        if path.read_bytes() == data:
+        if path.read_bytes() == data and stat.S_IMODE(path.stat().st_mode) == mode:
             return False
-    atomic_write(path, data, BROKER_FILE_MODE)
+    atomic_write(path, data, mode)
     return True
 
 
@@ -188,18 +265,22 @@ def write_broker_files(
     revoked_device_ids: Iterable[str],
     crl_pem: bytes | None,
     factory_crl_pem: bytes | None = None,
+    *,
+    operational_acl: str | None = None,
 ) -> bool:
     """Write conf, ACLs and (unless ``None``) the two CRLs; True if any file changed.
 
-    Callers SIGHUP the broker only when this returns True. A CRL given as ``None``
-    keeps the file already there (it must exist).
+    Callers reload the broker only when this returns True. A CRL given as ``None`` keeps
+    the file already there (it must exist). ``operational_acl``, when given, is the
+    rendered ACL (the sync renders it incrementally) and the two iterables are ignored.
     """
-    layout.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    prepare_broker_directory(layout)
+    if operational_acl is None:
+        operational_acl = render_operational_acl(acl_docs, revoked_device_ids)
     files: list[tuple[Path, bytes]] = [
         (layout.conf_path, render_mosquitto_conf(layout).encode()),
         (layout.acl_server, render_server_acl().encode()),
-        (layout.acl_provisioning, render_provisioning_acl().encode()),
-        (layout.acl_operational, render_operational_acl(acl_docs, revoked_device_ids).encode()),
+        (layout.acl_operational, operational_acl.encode()),
     ]
     for path, pem in ((layout.crl_path, crl_pem), (layout.factory_crl_path, factory_crl_pem)):
         if pem is not None:
@@ -207,7 +288,7 @@ def write_broker_files(
         elif not path.exists():
             raise BrokerError(f"{path} is missing and no CRL was given for it")
     try:
-        changed = [_replace_if_changed(path, data) for path, data in files]
+        changed = [replace_if_changed(path, data) for path, data in files]
     except OSError as exc:
         raise BrokerError(f"cannot write broker files in {layout.directory}: {exc}") from None
     return any(changed)
@@ -235,10 +316,11 @@ def _broker_pid(layout: BrokerLayout) -> int:
 
 
 def reload_broker(layout: BrokerLayout) -> None:
-    """SIGHUP Mosquitto: it re-reads the ACL files and the CRL, clients stay connected.
+    """SIGHUP Mosquitto through its pid file (only with a ``runtime_dir``).
 
-    The reload is asynchronous (it takes effect a moment later); callers that need it
-    applied retry their operation.
+    It re-reads the ACL files and the CRLs, clients stay connected. The reload is
+    asynchronous; ``BrokerControl.reload`` (over MQTT, no pid file or signal rights
+    needed) waits until it is applied and is what ``AclSync`` uses.
     """
     pid = _broker_pid(layout)
     try:

@@ -5,6 +5,7 @@ Registered on ``main`` by server/cli/main.py (``main.add_command``).
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -143,7 +144,17 @@ def ca_show(ca_dir: Path, passphrase_file: Path | None, as_json: bool) -> None:
     show_default=True,
     help="Address of the two device listeners.",
 )
-@click.option("--run-as", default=None, help="Mosquitto's `user` option.")
+@click.option(
+    "--run-as",
+    default=None,
+    help="Mosquitto's `user` option (default: mosquitto); its group may read OUT, nobody else.",
+)
+@click.option(
+    "--guard-plugin",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="A prebuilt provisioning_guard.so (default: build it; needs gcc and mosquitto-dev).",
+)
 @pass_state
 def broker_config(
     state: CliState,
@@ -155,13 +166,18 @@ def broker_config(
     server_port: int,
     bind: str,
     run_as: str | None,
+    guard_plugin: Path | None,
 ) -> None:
-    """Write a working Mosquitto config with ACLs and CRL from the database.
+    """Write a working Mosquitto config with ACLs, CRLs and its plugin from the database.
 
     Start Mosquitto with `mosquitto -c OUT/mosquitto.conf`; `provision-server run
-    --broker-config-dir OUT` then keeps the ACL and CRL in sync (SIGHUP, no restart).
+    --broker-config-dir OUT` then keeps the ACL and CRLs in sync (reload over MQTT, no
+    restart) and disconnects revoked devices. OUT holds copies of the broker's key and
+    certificates (mode 0640, group of --run-as): Mosquitto never reads the CA directory.
     """
     from server.broker.acl_sync import read_broker_state
+    from server.broker.broker_assets import install_broker_assets
+    from server.broker.guard_plugin import PLUGIN_NAME, build_guard_plugin
     from server.broker.layout_file import save_layout
     from server.broker.mosquitto_conf import BrokerLayout, write_broker_files
     from server.pki.ca import CertificateAuthority
@@ -177,12 +193,17 @@ def broker_config(
         run_as=run_as,
     )
     broker_state = read_broker_state(state.database)
+    if guard_plugin is not None:
+        install_broker_assets(layout, guard_plugin)
+    else:
+        with tempfile.TemporaryDirectory() as build_dir:
+            install_broker_assets(layout, build_guard_plugin(Path(build_dir) / PLUGIN_NAME))
     write_broker_files(
         layout,
         broker_state.acl_docs,
         broker_state.revoked_device_ids,
         broker_state.crl_pem(ca),
-        ca.build_crl([], issuer="factory"),
+        broker_state.factory_crl_pem(ca),
     )
     save_layout(layout)
     click.echo(

@@ -159,8 +159,14 @@ def crl_pem(
 ) -> bytes:
     """PEM CRL of ``(serial, revoked_at)`` pairs, valid from now until ``next_update`` from now."""
     now = utc_now()
+    entries = [
+        x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+        for serial, when in revoked
+    ]
+    # All entries at once: add_revoked_certificate copies the list on every call (30,000
+    # entries took 0.9 s, growing with the square); this way 100,000 take 0.4 s.
     builder = (
-        x509.CertificateRevocationListBuilder()
+        x509.CertificateRevocationListBuilder(revoked_certificates=entries)
         .issuer_name(issuer.subject)
         .last_update(now - CLOCK_SKEW)
         .next_update(now + next_update)
@@ -171,9 +177,5 @@ def crl_pem(
             critical=False,
         )
     )
-    for serial, when in revoked:
-        builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
-        )
     crl = builder.sign(issuer_key, hashes.SHA256())
     return crl.public_bytes(serialization.Encoding.PEM)

@@ -1,0 +1,76 @@
+"""The ``provisioning_guard`` Mosquitto plugin: its C source beside this module, and its build.
+
+Mosquitto 2.0.11's ``acl_file`` grants every SUBSCRIBE and the broker offers no way to
+cut a session from outside; ``provisioning_guard.c`` (about 300 lines, plugin API v5) adds
+subscribe-time authorization, the birth-certificate ACL, and a control topic that reloads
+the broker and disconnects sessions (docs/broker.md says why not the dynamic-security
+plugin). It is compiled with the system C compiler against Debian's ``mosquitto-dev``
+headers, so building needs ``gcc``, ``libc6-dev`` and ``mosquitto-dev``; running needs only
+the ``.so`` (``provision-server broker-config`` copies it beside the configuration).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Final
+
+import platformdirs
+
+from server.errors import ServerError
+
+SOURCE: Final = Path(__file__).with_name("provisioning_guard.c")
+PLUGIN_NAME: Final = "provisioning_guard.so"
+BUILD_PACKAGES: Final = "gcc, libc6-dev and mosquitto-dev"
+CFLAGS: Final = ("-O2", "-Wall", "-Wextra", "-Werror", "-std=gnu11", "-fPIC", "-shared")
+BUILD_TIMEOUT_S: Final = 120.0
+
+
+class PluginBuildError(ServerError):
+    """The plugin cannot be compiled (no compiler or no Mosquitto headers)."""
+
+
+def _compiler() -> str:
+    for candidate in (os.environ.get("CC"), "cc", "gcc"):
+        found = shutil.which(candidate) if candidate else None
+        if found:
+            return found
+    raise PluginBuildError(f"no C compiler to build {SOURCE.name}: install {BUILD_PACKAGES}")
+
+
+def build_guard_plugin(output: Path) -> Path:
+    """Compile the plugin into ``output`` (replaced atomically); returns ``output``."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    argv = [_compiler(), *CFLAGS, "-o", str(temporary), str(SOURCE)]
+    try:
+        result = subprocess.run(
+            argv, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False
+        )
+        if result.returncode != 0:
+            detail = (result.stderr or result.stdout).strip().splitlines()[:5]
+            raise PluginBuildError(
+                f"building {SOURCE.name} failed (needs {BUILD_PACKAGES}): " + " | ".join(detail)
+            )
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, output)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return output
+
+
+def source_digest() -> str:
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+
+
+def cached_guard_plugin() -> Path:
+    """The plugin built once per source version in the user's cache (tests, harness, bench)."""
+    cache = Path(platformdirs.user_cache_dir("device-provisioning"))
+    path = cache / f"provisioning_guard-{source_digest()}.so"
+    if not path.exists():
+        build_guard_plugin(path)
+    return path
