@@ -29,17 +29,15 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import pymongo
 import pymongo.errors
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
 from pymongo.change_stream import DatabaseChangeStream
 
 from server.broker.broker_assets import install_broker_assets
 from server.broker.broker_control import BrokerControl
+from server.broker.broker_crls import crl_if_needed, enforced_now
 from server.broker.fleet_state import WATCHED, Cuts, FleetState
 from server.broker.fleet_state import parse_serial as parse_serial  # re-exported
 from server.broker.mosquitto_conf import BrokerLayout, write_broker_files
@@ -159,29 +157,10 @@ class AclSync:
             if before is not None:
                 cuts = self.fleet.changes_since(before)
             else:
-                cuts = self.fleet.changes_since_files(*self._enforced())
+                cuts = self.fleet.changes_since_files(*enforced_now(self.layout))
             changed = self._apply(cuts)
             self._completed(pending)
             return changed
-
-    def _enforced(self) -> tuple[frozenset[int], frozenset[int], frozenset[str]]:
-        """Serials on the broker's two CRLs and devices with a deny-all block, as written."""
-
-        def listed(path: Path) -> frozenset[int]:
-            try:
-                return frozenset(e.serial_number for e in x509.load_pem_x509_crl(path.read_bytes()))
-            except (OSError, ValueError):
-                return frozenset()
-
-        denied: set[str] = set()
-        with contextlib.suppress(OSError):
-            user = None
-            for line in self.layout.acl_operational.read_text().splitlines():
-                if line.startswith("user "):
-                    user = line[5:]
-                elif user is not None and line == "topic deny #":
-                    denied.add(user)
-        return listed(self.layout.crl_path), listed(self.layout.factory_crl_path), frozenset(denied)
 
     def _apply_changes(self, dirty: dict[str, set[Any]], first_change: float) -> None:
         with self._lock:
@@ -229,8 +208,22 @@ class AclSync:
             self.layout,
             (),
             (),
-            self._crl_if_needed(self.layout.crl_path, fleet.serials(birth=False), "device"),
-            self._crl_if_needed(self.layout.factory_crl_path, fleet.serials(birth=True), "factory"),
+            crl_if_needed(
+                self.layout.crl_path,
+                self.ca,
+                "device",
+                fleet.serials(birth=False),
+                self.crl_validity,
+                self.crl_refresh,
+            ),
+            crl_if_needed(
+                self.layout.factory_crl_path,
+                self.ca,
+                "factory",
+                fleet.serials(birth=True),
+                self.crl_validity,
+                self.crl_refresh,
+            ),
             operational_acl=fleet.operational_acl(),
         )
         self.syncs += 1
@@ -254,33 +247,6 @@ class AclSync:
                 took,
             )  # fmt: skip
         return changed
-
-    def _crl_if_needed(
-        self, path: Path, revoked: dict[int, datetime], issuer: Literal["device", "factory"]
-    ) -> bytes | None:
-        """A new CRL if its serials changed or the current one is due; else None."""
-        issuer_cert = self.ca.device_ca if issuer == "device" else self.ca.factory_ca
-        if self._crl_is_current(path, issuer_cert, frozenset(revoked)):
-            return None
-        return self.ca.build_crl(sorted(revoked.items()), self.crl_validity, issuer=issuer)
-
-    def _crl_is_current(
-        self, path: Path, issuer: x509.Certificate, serials: frozenset[int]
-    ) -> bool:
-        """True if ``path`` is a CRL of ``issuer`` listing ``serials`` and not yet due."""
-        try:
-            crl = x509.load_pem_x509_crl(path.read_bytes())
-        except (OSError, ValueError):
-            return False
-        issuer_key = issuer.public_key()
-        if not isinstance(issuer_key, ec.EllipticCurvePublicKey):
-            return False
-        if crl.issuer != issuer.subject or not crl.is_signature_valid(issuer_key):
-            return False
-        next_update = crl.next_update_utc
-        remaining = next_update - datetime.now(timezone.utc) if next_update else timedelta(0)
-        listed = frozenset(entry.serial_number for entry in crl)
-        return listed == serials and remaining > self.crl_validity - self.crl_refresh
 
     # -- the thread --
 
