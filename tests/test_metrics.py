@@ -283,8 +283,7 @@ def test_sync_lag_runs_from_the_database_write_until_the_broker_has_it(
     sync = AclSync(broker.database, broker.ca, broker.layout, interval=0.2).start()
     try:
         wait_for("the first sync", lambda: sync.last_success is not None)
-        pid = broker.layout.pid_path.read_text()
-        broker.layout.pid_path.write_text("999999\n")  # no such process: the SIGHUP fails
+        broker.mosquitto.stop()  # the reload (over MQTT) cannot reach the broker
         broker.database.collection(DEVICE_ACLS).insert_one(
             {
                 "device_id": "lagging",
@@ -297,7 +296,7 @@ def test_sync_lag_runs_from_the_database_write_until_the_broker_has_it(
         time.sleep(1.0)
         assert sync.lag_seconds() >= 1.0  # still waiting, and counting
         restored = time.time()
-        broker.layout.pid_path.write_text(pid)
+        broker.mosquitto.start()
         failed_at = sync.failures
         wait_for("a sync after the fix", lambda: (sync.last_success or 0) > restored)
         applied = sync.lag_seconds()
