@@ -6,7 +6,8 @@ subscribe-time authorization, the birth-certificate ACL, and a control topic tha
 the broker and disconnects sessions (docs/broker.md says why not the dynamic-security
 plugin). It is compiled with the system C compiler against Debian's ``mosquitto-dev``
 headers, so building needs ``gcc``, ``libc6-dev`` and ``mosquitto-dev``; running needs only
-the ``.so`` (``provision-server broker-config`` copies it beside the configuration).
+the ``.so`` (``provision-server broker-config`` copies it beside the configuration: the one
+given with ``--guard-plugin``, else a packaged one at ``PACKAGED``, else it builds one).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from server.errors import ServerError
 
 SOURCE: Final = Path(__file__).with_name("provisioning_guard.c")
 PLUGIN_NAME: Final = "provisioning_guard.so"
+PACKAGED: Final = Path(__file__).with_name(PLUGIN_NAME)
+"""Where a package build puts the compiled plugin (``build_guard_plugin(PACKAGED)``), so a
+host without a compiler runs ``broker-config`` as is."""
 BUILD_PACKAGES: Final = "gcc, libc6-dev and mosquitto-dev"
 CFLAGS: Final = ("-O2", "-Wall", "-Wextra", "-Werror", "-std=gnu11", "-fPIC", "-shared")
 BUILD_TIMEOUT_S: Final = 120.0

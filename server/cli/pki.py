@@ -153,7 +153,8 @@ def ca_show(ca_dir: Path, passphrase_file: Path | None, as_json: bool) -> None:
     "--guard-plugin",
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
     default=None,
-    help="A prebuilt provisioning_guard.so (default: build it; needs gcc and mosquitto-dev).",
+    help="A prebuilt provisioning_guard.so (default: the package's, else build it with gcc "
+    "and mosquitto-dev).",
 )
 @pass_state
 def broker_config(
@@ -177,7 +178,7 @@ def broker_config(
     """
     from server.broker.acl_sync import read_broker_state
     from server.broker.broker_assets import install_broker_assets
-    from server.broker.guard_plugin import PLUGIN_NAME, build_guard_plugin
+    from server.broker.guard_plugin import PACKAGED, PLUGIN_NAME, build_guard_plugin
     from server.broker.layout_file import save_layout
     from server.broker.mosquitto_conf import BrokerLayout, write_broker_files
     from server.pki.ca import CertificateAuthority
@@ -193,6 +194,8 @@ def broker_config(
         run_as=run_as,
     )
     broker_state = read_broker_state(state.database)
+    if guard_plugin is None and PACKAGED.exists():
+        guard_plugin = PACKAGED  # built with the package
     if guard_plugin is not None:
         install_broker_assets(layout, guard_plugin)
     else:
