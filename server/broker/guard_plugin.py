@@ -7,7 +7,7 @@ the broker and disconnects sessions (docs/broker.md says why not the dynamic-sec
 plugin). It is compiled with the system C compiler against Debian's ``mosquitto-dev``
 headers, so building needs ``gcc``, ``libc6-dev`` and ``mosquitto-dev``; running needs only
 the ``.so`` (``provision-server broker-config`` copies it beside the configuration: the one
-given with ``--guard-plugin``, else a packaged one at ``PACKAGED``, else it builds one).
+given with ``--guard-plugin``, else a packaged one (``PACKAGED``), else it builds one).
 """
 
 from __future__ import annotations
@@ -25,9 +25,12 @@ from server.errors import ServerError
 
 SOURCE: Final = Path(__file__).with_name("provisioning_guard.c")
 PLUGIN_NAME: Final = "provisioning_guard.so"
-PACKAGED: Final = Path(__file__).with_name(PLUGIN_NAME)
-"""Where a package build puts the compiled plugin (``build_guard_plugin(PACKAGED)``), so a
-host without a compiler runs ``broker-config`` as is."""
+PACKAGED: Final = (
+    Path("/usr/lib/provision-server") / PLUGIN_NAME,
+    Path(__file__).with_name(PLUGIN_NAME),
+)
+"""Where a package build puts the compiled plugin (the .deb: the first), so a host without a
+compiler runs ``broker-config`` as is."""
 BUILD_PACKAGES: Final = "gcc, libc6-dev and mosquitto-dev"
 CFLAGS: Final = ("-O2", "-Wall", "-Wextra", "-Werror", "-std=gnu11", "-fPIC", "-shared")
 BUILD_TIMEOUT_S: Final = 120.0
@@ -65,6 +68,11 @@ def build_guard_plugin(output: Path) -> Path:
     finally:
         temporary.unlink(missing_ok=True)
     return output
+
+
+def packaged_guard_plugin() -> Path | None:
+    """The plugin a package installed (``PACKAGED``), if any."""
+    return next((path for path in PACKAGED if path.is_file()), None)
 
 
 def source_digest() -> str:

@@ -178,7 +178,11 @@ def broker_config(
     """
     from server.broker.acl_sync import read_broker_state
     from server.broker.broker_assets import install_broker_assets
-    from server.broker.guard_plugin import PACKAGED, PLUGIN_NAME, build_guard_plugin
+    from server.broker.guard_plugin import (
+        PLUGIN_NAME,
+        build_guard_plugin,
+        packaged_guard_plugin,
+    )
     from server.broker.layout_file import save_layout
     from server.broker.mosquitto_conf import BrokerLayout, write_broker_files
     from server.pki.ca import CertificateAuthority
@@ -194,8 +198,8 @@ def broker_config(
         run_as=run_as,
     )
     broker_state = read_broker_state(state.database)
-    if guard_plugin is None and PACKAGED.exists():
-        guard_plugin = PACKAGED  # built with the package
+    if guard_plugin is None:
+        guard_plugin = packaged_guard_plugin()  # built with the package, if installed
     if guard_plugin is not None:
         install_broker_assets(layout, guard_plugin)
     else:
