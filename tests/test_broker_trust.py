@@ -22,6 +22,7 @@ from click.testing import CliRunner
 
 from server.broker.acl_rules import InvalidRule, validate_rule
 from server.broker.acl_sync import AclSync
+from server.broker.fleet_state import FleetState
 from server.cli.main import main as server_cli
 from server.pki.ca import serial_hex
 from server.store.certificates import CertificateRecords, IssuedCertificate
@@ -31,6 +32,7 @@ from tests.broker_fixture import (
     ACCEPTED,
     NOT_AUTHORIZED,
     ClientFiles,
+    ConnectRefused,
     LocalBroker,
     MqttClient,
     can_connect,
@@ -209,10 +211,39 @@ def test_device_revoke_cuts_every_session_and_refuses_reconnects(
         assert bystander.connected
         assert bystander.publish(f"devices/{other.client_id}/status") in ACCEPTED
     assert not can_connect(broker, device.current, port)  # on the CRL
-    # A certificate of the revoked device that is not on the CRL yet gets no rights at all.
-    with broker.client(device.pending, port) as again:
+
+    # A certificate of the revoked device that is not on the CRL yet gets no rights at all,
+    # within 2 s of the revoke: the CLI writes the revocation (cut at once) and then the
+    # certificate's status (the deny block, and a second cut), one sync batch each.
+    def pending_has_no_rights() -> bool:
+        try:
+            with broker.client(device.pending, port) as again:
+                return (
+                    again.publish(f"devices/{client_id}/status") == NOT_AUTHORIZED
+                    and again.subscribe(f"devices/{client_id}/commands/#") == NOT_AUTHORIZED
+                )
+        except (ConnectRefused, TimeoutError):  # cut while we were asking
+            return False
+
+    _wait(pending_has_no_rights, CUT_WITHIN_S + 1.0, "a pending certificate has no rights")
+    assert time.monotonic() - started < CUT_WITHIN_S + 1.0
+    with broker.client(device.pending, port) as again:  # and it stays so
         assert again.publish(f"devices/{client_id}/status") == NOT_AUTHORIZED
-        assert again.subscribe(f"devices/{client_id}/commands/#") == NOT_AUTHORIZED
+
+
+def test_a_revocation_of_the_current_serial_alone_denies_the_device(broker: LocalBroker) -> None:
+    """Whoever writes only the revocation (not the certificate's status) still gets the
+    deny block: a pending certificate of that device has no rights from the first batch."""
+    assert broker.database is not None
+    device = _registered_device(broker, "02:00:00:00:00:51")
+    current = CertificateRecords(broker.database).current(device.client_id)
+    assert current is not None
+    fleet = FleetState.load(broker.database)
+    assert device.client_id not in fleet.revoked_device_ids
+    CertificateRecords(broker.database).revoke_serial(device.client_id, current["serial"], "test")
+    fleet = FleetState.load(broker.database)
+    assert device.client_id in fleet.revoked_device_ids
+    assert f"user {device.client_id}\ntopic deny #\n" in fleet.operational_acl()
 
 
 def test_birth_certificate_revocation_refuses_it_on_the_provisioning_listener(

@@ -33,7 +33,7 @@ CRL_EXPIRY_GRACE: Final = timedelta(days=1)
 """An expired certificate is refused by TLS anyway; it leaves the CRL a day after expiry."""
 
 _ACL_FIELDS: Final = {"_id": 1, "device_id": 1, "tier": 1, "rules": 1}
-_CERT_FIELDS: Final = {"_id": 1, "device_id": 1, "status": 1}
+_CERT_FIELDS: Final = {"_id": 1, "device_id": 1, "status": 1, "serial": 1}
 
 
 def parse_serial(value: object) -> int | None:
@@ -100,7 +100,8 @@ class Cuts:
 class FleetState:
     acl_docs: dict[Any, Document] = field(default_factory=dict)
     blocks: dict[Any, tuple[str, list[str]] | None] = field(default_factory=dict)
-    certificates: dict[Any, tuple[str, str]] = field(default_factory=dict)
+    certificates: dict[Any, tuple[str, str, int | None]] = field(default_factory=dict)
+    """``_id -> (device_id, status, serial)`` of each device's current certificate."""
     revocations: dict[Any, Revocation] = field(default_factory=dict)
 
     # -- reading --
@@ -193,7 +194,11 @@ class FleetState:
         if doc is None or not isinstance(device_id, str):
             self.certificates.pop(_id, None)
         else:
-            self.certificates[_id] = (device_id, str(doc.get("status")))
+            self.certificates[_id] = (
+                device_id,
+                str(doc.get("status")),
+                parse_serial(doc.get("serial")),
+            )
 
     def _set_revocation(self, _id: Any, doc: Document | None) -> None:
         revocation = Revocation.of(doc) if doc is not None else None
@@ -206,8 +211,15 @@ class FleetState:
 
     @property
     def revoked_device_ids(self) -> frozenset[str]:
+        """Devices whose current certificate is revoked: marked so, or its serial is on the
+        device CRL (a revocation written before, or without, the status update)."""
         revoked = CertificateStatus.REVOKED.value
-        return frozenset(d for d, status in self.certificates.values() if status == revoked)
+        listed = {r.serial for r in self.revocations.values() if not r.birth}
+        return frozenset(
+            device_id
+            for device_id, status, serial in self.certificates.values()
+            if status == revoked or serial in listed
+        )
 
     def serials(self, *, birth: bool, now: datetime | None = None) -> dict[int, datetime]:
         """``serial -> revocation date`` for the device CRL (or the factory CRL)."""
