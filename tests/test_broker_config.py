@@ -9,6 +9,8 @@ import pwd
 import re
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -280,6 +282,52 @@ def test_reload_broker_names_a_missing_or_stale_pid_file(
     layout.pid_path.write_text("4194303\n")  # above any pid_max default: no such process
     with pytest.raises(BrokerError, match="stale: no process"):
         reload_broker(layout)
+
+
+# A process that calls itself "mosquitto" (prctl PR_SET_NAME) and installs its SIGHUP handler
+# only when told to: Mosquitto's window between writing its pid file and setting up its signal
+# handlers, which a real broker opens for a few milliseconds at every start.
+_STARTING_BROKER = """
+import ctypes, signal, sys
+ctypes.CDLL(None).prctl(15, b"mosquitto", 0, 0, 0)
+print("named", flush=True)
+sys.stdin.readline()
+signal.signal(signal.SIGHUP, lambda *_: print("reloaded", flush=True))
+print("handling", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_reload_waits_until_the_broker_handles_sighup(
+    tmp_path: Path, ca: CertificateAuthority
+) -> None:
+    """A SIGHUP before Mosquitto handles it would kill the broker (the default action)."""
+    layout = _layout(tmp_path, ca)
+    layout.directory.mkdir(parents=True)
+    starting = subprocess.Popen(
+        [sys.executable, "-c", _STARTING_BROKER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert starting.stdin is not None and starting.stdout is not None
+        assert starting.stdout.readline() == "named\n"
+        layout.pid_path.write_text(f"{starting.pid}\n")
+        with pytest.raises(BrokerError, match="still starting"):
+            reload_broker(layout)
+        assert starting.poll() is None, "the reload killed a broker that was starting"
+        starting.stdin.write("go\n")
+        starting.stdin.flush()
+        assert starting.stdout.readline() == "handling\n"
+        reload_broker(layout)
+        assert starting.stdout.readline() == "reloaded\n"
+    finally:
+        starting.kill()
+        starting.wait()
+        for stream in (starting.stdin, starting.stdout):
+            if stream is not None:
+                stream.close()
 
 
 # --- a real Mosquitto ------------------------------------------------------------------------

@@ -315,6 +315,18 @@ def _broker_pid(layout: BrokerLayout) -> int:
     return pid
 
 
+def _handles_sighup(pid: int) -> bool:
+    """Whether ``pid`` has a SIGHUP handler (``SigCgt`` in /proc); True where /proc cannot say."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    for line in status.splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+    return True
+
+
 def reload_broker(layout: BrokerLayout) -> None:
     """SIGHUP Mosquitto through its pid file (only with a ``runtime_dir``).
 
@@ -323,6 +335,10 @@ def reload_broker(layout: BrokerLayout) -> None:
     needed) waits until it is applied and is what ``AclSync`` uses.
     """
     pid = _broker_pid(layout)
+    if not _handles_sighup(pid):
+        # Mosquitto writes its pid file before it sets up its signal handlers; a SIGHUP in
+        # that window takes the default action and kills the broker. Callers retry.
+        raise BrokerError(f"Mosquitto (pid {pid}) is still starting; the reload is retried")
     try:
         os.kill(pid, signal.SIGHUP)
     except ProcessLookupError:
