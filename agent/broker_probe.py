@@ -2,7 +2,11 @@
 
 Three steps, each one line of the report: the name resolves, the port answers, and a
 TLS handshake verifies the broker against the configured CA while presenting the
-board's certificate. Nothing is sent over MQTT.
+board's certificate. TLS 1.3 reports a refused client certificate only after the
+handshake, so the probe then sends one MQTT CONNECT with an empty client id (the
+broker assigns one: the agent's own session is never taken over) and waits for the
+CONNACK, which proves the certificate was accepted, or for the refusal. It publishes
+and subscribes nothing.
 """
 
 from __future__ import annotations
@@ -11,12 +15,15 @@ import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from agent.health import CheckResult, failed, passed
 
-# TLS 1.3 reports a refused client certificate only after the handshake: how long to
-# wait for that alert (the broker, waiting for CONNECT, sends nothing otherwise).
-REFUSAL_WAIT_S = 0.3
+# MQTT v5 CONNECT: protocol "MQTT" level 5, clean start, keep-alive 10 s, no properties,
+# empty client id; and DISCONNECT (normal).
+MQTT_CONNECT: Final = bytes.fromhex("100d00044d5154540502000a000000")
+MQTT_DISCONNECT: Final = bytes.fromhex("e000")
+CONNACK: Final = 0x20
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,7 @@ class Listener:
     cert: Path | None = None  # what the board presents; None: verify the broker only
     key: Path | None = None
     cert_label: str = ""
+    timeout: float = 3.0
 
 
 def probe(listener: Listener, config_source: object, timeout: float) -> list[CheckResult]:
@@ -80,7 +88,7 @@ def _tls(listener: Listener, sock: socket.socket) -> CheckResult:
                     f"broker certificate verifies against {ca_file} "
                     "(no operational certificate yet to present)",
                 )
-            refusal = _refused_after_handshake(tls)
+            refusal = _connect(tls, listener.timeout)
     except ssl.SSLCertVerificationError as exc:
         return failed(
             name,
@@ -100,15 +108,19 @@ def _tls(listener: Listener, sock: socket.socket) -> CheckResult:
     )
 
 
-def _refused_after_handshake(tls: ssl.SSLSocket) -> str | None:
-    """The broker's alert after a TLS 1.3 handshake, or None when it waits for CONNECT."""
-    tls.settimeout(REFUSAL_WAIT_S)
+def _connect(tls: ssl.SSLSocket, timeout: float) -> str | None:
+    """None when the broker answers CONNECT with a CONNACK, else why it did not."""
+    tls.settimeout(timeout)
     try:
-        data = tls.recv(1)
+        tls.sendall(MQTT_CONNECT)
+        data = tls.recv(4)
+        if data[:1] == bytes([CONNACK]):
+            tls.sendall(MQTT_DISCONNECT)
+            return None
     except TimeoutError:
-        return None
+        return f"no CONNACK within {timeout:g} s"
     except ssl.SSLError as exc:
         return exc.reason or str(exc)
     except OSError as exc:
         return exc.strerror or str(exc)
-    return None if data else "connection closed"
+    return "connection closed" if not data else f"unexpected answer {data[:4].hex()}"

@@ -2,8 +2,9 @@
 
 Run by a field technician on the board (or by a script with ``--json``). It reads
 the config, the state directory and the certificates, and contacts the broker
-only to resolve its name, open its port and complete a TLS handshake with the
-board's own certificate; it never changes a file. Checks, in order:
+only to resolve its name, open its port, complete a TLS handshake with the board's
+own certificate and see one MQTT CONNECT answered (agent/broker_probe.py); it never
+changes a file. Checks, in order:
 
 ``config``, ``identity``, ``clock``, ``keys``, ``key-match``, ``certificate``,
 ``<listener>-dns``, ``<listener>-port``, ``<listener>-tls`` (provisioning and
@@ -273,7 +274,7 @@ class Doctor:
             ("operational", endpoints.operational_host, endpoints.operational_port),
         ):
             cert = self._certificate("birth" if name == "provisioning" else "operational")
-            listener = Listener(name, host, port, ca_file)
+            listener = Listener(name, host, port, ca_file, timeout=self.timeout)
             if cert is not None and cert.key_path is not None:
                 listener = replace(
                     listener, cert=cert.path, key=cert.key_path, cert_label=cert.label
