@@ -4,10 +4,10 @@ Worker threads call ``insert``, ``update`` and ``find`` and block until their
 operation's batch has been written or read; one committer thread takes every
 operation pending when it is free and sends them as one ``insert_many``, one
 unordered ``bulk_write`` and one ``$in`` query per collection. There is no timer:
-an operation that finds the committer idle goes at once (a lone device waits for
-nothing), and those arriving while it works form its next batch, so batches grow
-exactly as fast as the database is slow - or as far away (a 20 ms round trip costs
-a batch what it used to cost each operation).
+an operation that finds a batch slot free goes at once (a lone device waits for
+nothing), and those arriving while ``IN_FLIGHT`` batches are out form the next one,
+so batches grow exactly as fast as the database is slow - or as far away (a 20 ms
+round trip costs a batch what it used to cost each operation).
 
 Each operation keeps its own guard and gets its own answer:
 
@@ -45,6 +45,9 @@ log = logging.getLogger("provision.server")
 
 Document = dict[str, Any]
 DUPLICATE_KEY: Final = 11000
+IN_FLIGHT: Final = 3
+"""Batches out at once: with the database far away, a request waits for its own batch's
+round trip, not also for the one before it."""
 SENDERS: Final = 8
 """Commands of one batch in flight at once (collections x kinds of operation)."""
 MAX_BATCH: Final = 200
@@ -92,6 +95,8 @@ class GroupCommit:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._senders = ThreadPoolExecutor(max_workers=SENDERS, thread_name_prefix="group-send")
+        self._batch_pool = ThreadPoolExecutor(max_workers=IN_FLIGHT, thread_name_prefix="group")
+        self._slots = threading.BoundedSemaphore(IN_FLIGHT)
         self.batches = 0
         self.operations = 0
 
@@ -163,25 +168,37 @@ class GroupCommit:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        self._batch_pool.shutdown(wait=True)
         self._senders.shutdown(wait=False)
 
     def _run(self) -> None:
         while True:
+            # A free slot first: while IN_FLIGHT batches are out, arrivals pile up into
+            # the next one (that is the batching); with a slot free, they go at once.
+            self._slots.acquire()
             with self._cond:
                 while not self._pending and not self._stopping:
                     self._cond.wait()
                 batch, self._pending = self._pending, []
                 if not batch and self._stopping:
+                    self._slots.release()
                     return
             self.batches += 1
             self.operations += len(batch)
+            self._batch_pool.submit(self._commit_and_free, batch)
+
+    def _commit_and_free(self, batch: list[_Op]) -> None:
+        try:
             self._commit(batch)
+        finally:
+            self._slots.release()
 
     def _commit(self, batch: list[_Op]) -> None:
         """One command per kind and collection, all sent at once (one round trip, not six).
 
-        The operations of one batch come from different requests, so nothing orders
-        them against each other; the next batch starts when all of these are answered.
+        The operations of one batch, and of the batches in flight together, come from
+        different requests (a request waits for each operation before its next), so
+        nothing orders them against each other.
         """
         groups: dict[tuple[str, str], list[_Op]] = defaultdict(list)
         for op in batch:
