@@ -138,7 +138,7 @@ class MongoWireServer(_Process):
         secantusdb 0.7 keeps a record of every retryable write for 30 minutes and walks
         all of them (sorting once there are 10,000) on every later write: after about
         ten thousand writes each write costs several milliseconds more, and update_one
-        falls from about 800/s to 90/s (docs/performance.md, "Retryable writes"). Our
+        falls from about 800/s to 90/s (docs/performance.md, issue 14 findings). Our
         writes are guarded by the expected state and converge when a device retries, so
         the driver's one automatic retry is not needed against this server.
         """
