@@ -28,13 +28,16 @@ from agent.keystore import FileKeyStore
 from agent.runner import certs_dir
 from agent.state import AgentState, StateRecord, StateStore
 from agent.storage import CertificateStore
-from harness.local_services import free_port
 from harness.simulated_board import make_sysfs
 from server.pki.ca import CertificateAuthority
 from tests.broker_fixture import LocalBroker
 
 CLIENT_ID = "doctor-board"
 MAC = "02:00:00:00:D0:C1"
+
+# Nothing listens on port 1 (tcpmux, privileged): refused at once, and unlike a port that
+# was free a moment ago, no other process on this shared machine can have taken it.
+CLOSED_PORT = 1
 
 
 @dataclass
@@ -222,7 +225,7 @@ def test_a_broker_name_that_does_not_resolve_fails(board: Board) -> None:
 
 
 def test_a_port_that_does_not_answer_fails(board: Board) -> None:
-    port = free_port()
+    port = CLOSED_PORT
     board.write_config(operational_host="127.0.0.1", operational_port=port)
     message = failing(board.doctor())["operational-port"]
     assert f"127.0.0.1:{port} does not answer" in message

@@ -283,7 +283,12 @@ def test_sync_lag_runs_from_the_database_write_until_the_broker_has_it(
     sync = AclSync(broker.database, broker.ca, broker.layout, interval=0.2).start()
     try:
         wait_for("the first sync", lambda: sync.last_success is not None)
-        broker.mosquitto.stop()  # the reload (over MQTT) cannot reach the broker
+        # The operational ACL cannot be written (a directory stands in its place), so the
+        # change cannot reach the broker. (Stopping Mosquitto would free its ports for any
+        # other process on this shared machine to take before the restart.)
+        acl = broker.layout.acl_operational
+        acl.rename(acl.with_name("acl-operational.saved"))
+        acl.mkdir()
         broker.database.collection(DEVICE_ACLS).insert_one(
             {
                 "device_id": "lagging",
@@ -296,7 +301,8 @@ def test_sync_lag_runs_from_the_database_write_until_the_broker_has_it(
         time.sleep(1.0)
         assert sync.lag_seconds() >= 1.0  # still waiting, and counting
         restored = time.time()
-        broker.mosquitto.start()
+        acl.rmdir()
+        acl.with_name("acl-operational.saved").rename(acl)
         failed_at = sync.failures
         wait_for("a sync after the fix", lambda: (sync.last_success or 0) > restored)
         applied = sync.lag_seconds()

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from harness.local_services import free_port
 from server.broker.layout_file import save_layout
 from server.cli.doctor import diagnose
 from server.cli.main import main
@@ -23,6 +22,10 @@ from server.pki.ca_files import load_cert
 from server.store.db import Database
 from server.store.schema import CERTIFICATE_REVOCATIONS, DEVICE_ACLS, DEVICES
 from tests.broker_fixture import LocalBroker
+
+# Nothing listens on port 1 (tcpmux, privileged): refused at once, and unlike a port that
+# was free a moment ago, no other process on this shared machine can have taken it.
+CLOSED_PORT = 1
 
 
 @pytest.fixture
@@ -75,7 +78,7 @@ def test_metrics_open_beyond_loopback_warn(config_path: Path) -> None:
 
 
 def test_an_unreachable_database_fails_with_the_cli_exit_code(config_path: Path) -> None:
-    uri = f"mongodb://127.0.0.1:{free_port()}/x"
+    uri = f"mongodb://127.0.0.1:{CLOSED_PORT}/x"
     result = CliRunner().invoke(main, ["--mongodb-uri", uri, "doctor", "--config",
                                        str(config_path)], env={})  # fmt: skip
     assert result.exit_code == 1
@@ -113,7 +116,7 @@ def test_crl_horizons_warn_then_fail(config_path: Path) -> None:
 
 
 def test_an_unreachable_broker_fails(config_path: Path) -> None:
-    port = free_port()
+    port = CLOSED_PORT
     status, message = checks(config_of(config_path, broker_port=port))["broker"]
     assert status == "fail"
     assert f"cannot connect to 127.0.0.1:{port}" in message
