@@ -9,8 +9,9 @@
 # --deb-dir (default: ./dist if it exists, else the current directory), where the
 # provision-server .deb lies. The block's site lines (NAME=value before the first command)
 # take the environment's value when one is set: MONGODB_URI, BROKER_NAME.
-# Afterwards it waits until mosquitto.service and provision-server.service are active
-# and the server has logged event=started, and prints one line
+# Afterwards it waits until mosquitto.service and provision-server.service are active,
+# the server's current run has logged event=started and is connected to the broker, and
+# prints one line
 #   deploy-backend: provision-server active (mosquitto as user mosquitto) in <s> s
 # --print only prints the block as it would run (tests/test_deploy_doc.py reads it).
 set -euo pipefail
@@ -73,10 +74,20 @@ since=$(date '+%Y-%m-%d %H:%M:%S')
 echo "deploy-backend: running docs/server.md Deploy ($doc) in $deb_dir"
 (cd "$deb_dir" && bash -euxo pipefail -c "$script")
 
+# Ready: both units active, the server's current run has logged event=started and its
+# latest broker event is a connect (a second run restarts Mosquitto, not the server).
+server_ready() {
+    systemctl is-active --quiet mosquitto.service provision-server.service || return 1
+    local invocation events
+    invocation=$(systemctl show -p InvocationID --value provision-server.service)
+    [ -n "$invocation" ] || return 1
+    events=$(journalctl "_SYSTEMD_INVOCATION_ID=$invocation" -o cat 2>/dev/null \
+        | grep -o 'event=started\|event=broker-[a-z]*' || true)
+    grep -q 'event=started' <<< "$events" \
+        && [ "$(tail -1 <<< "$events")" = "event=broker-connect" ]
+}
 deadline=$(( $(date +%s) + timeout_s ))
-until systemctl is-active --quiet mosquitto.service provision-server.service \
-        && journalctl -u provision-server.service --since "$since" -o cat 2>/dev/null \
-            | grep -q 'event=started'; do
+until server_ready; do
     if [ "$(date +%s)" -ge "$deadline" ]; then
         echo "deploy-backend: not running after ${timeout_s} s" >&2
         systemctl --no-pager status mosquitto.service provision-server.service >&2 || true

@@ -90,6 +90,7 @@ def repo_python_files(*packages: str) -> dict[str, bytes]:
 
 
 def debs_match_checkout(agent: Path, server: Path) -> bool:
+    """True when both .debs hold this checkout's Python files, units and maintainer scripts."""
     if not (agent.exists() and server.exists()):
         return False
     for path, prefix, packages in (
@@ -106,6 +107,14 @@ def debs_match_checkout(agent: Path, server: Path) -> bool:
         }  # fmt: skip
         if shipped != repo_python_files(*packages):
             return False
+        source = ROOT / "packaging" / "deb" / prefix
+        for script in ("postinst", "prerm", "postrm"):
+            if deb.control.get(script) != (source / script).read_bytes():
+                return False
+        for name, body in deb.data.items():
+            unit = ROOT / "systemd" / name.removeprefix("/lib/systemd/system/")
+            if name.startswith("/lib/systemd/system/") and body != unit.read_bytes():
+                return False
     return True
 
 
