@@ -7,13 +7,19 @@ echo "== ruff"; .venv/bin/ruff check . && .venv/bin/ruff format --check .
 echo "== mypy --strict"; .venv/bin/mypy
 # The Debian packages (tests/test_debs.py checks them, lintian included).
 echo "== debs"; bash scripts/build-debs.sh --no-lintian
+# tests/test_debs.py runs lintian and the packaged commands on Debian's python3.11;
 # tests/test_deployed_backend.py boots a Debian 12 container (mmdebstrap, systemd-nspawn).
-if ! command -v mmdebstrap >/dev/null 2>&1 || ! command -v systemd-nspawn >/dev/null 2>&1; then
-    echo "test: apt-get install mmdebstrap systemd-container"
+missing=()
+command -v lintian >/dev/null 2>&1 || missing+=(lintian)
+[ -x /usr/bin/python3.11 ] || missing+=(python3.11)
+command -v mmdebstrap >/dev/null 2>&1 || missing+=(mmdebstrap)
+command -v systemd-nspawn >/dev/null 2>&1 || missing+=(systemd-container)
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "test: apt-get install ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q --no-install-recommends mmdebstrap systemd-container >/dev/null 2>&1 \
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1 \
         || { apt-get update -q >/dev/null
-             apt-get install -y -q --no-install-recommends mmdebstrap systemd-container >/dev/null; }
+             apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null; }
 fi
 # A real board (issue 13): the agent .deb in a Debian 12 qemu guest, flashed over
 # its UART, ACTIVE under systemd, with power cuts. Its image is cached outside the
