@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -80,6 +81,18 @@ def tls_context(identity: TlsIdentity) -> ssl.SSLContext:
     context.check_hostname = True
     context.load_cert_chain(str(identity.cert_file), str(identity.key_file))
     return context
+
+
+def disable_nagle(client: mqtt.Client) -> None:
+    """TCP_NODELAY on a connected client's socket (paho leaves Nagle's algorithm on).
+
+    With Nagle, a small message written while an earlier segment waits for its delayed
+    ACK sits up to 40 ms; a provisioning exchange has several (docs/performance.md).
+    """
+    sock = client.socket()
+    if isinstance(sock, socket.socket):  # ssl.SSLSocket included
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 @dataclass(frozen=True)
@@ -197,6 +210,7 @@ class MqttLink:
         self._client.connect_timeout = timeout
         try:
             self._client.connect(self.host, self.port, keepalive=self._keepalive, clean_start=True)
+            disable_nagle(self._client)
         except ssl.SSLCertVerificationError as exc:
             raise LinkError(f"broker certificate not trusted: {exc.verify_message}") from None
         except ssl.SSLError as exc:

@@ -16,10 +16,8 @@ socket is not read and the broker holds the messages. Only QoS 0 messages
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
-import socket
 import ssl
 import threading
 import uuid
@@ -34,6 +32,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent import protocol
+from agent.mqtt_link import disable_nagle
 from agent.protocol import RequestChannel
 from server.pki.ca import CertificateAuthority
 from server.service.provisioning import ProvisioningService
@@ -76,19 +75,6 @@ def _subscribe_options(topic_filter: str) -> SubscribeOptions:
     if topic_filter == protocol.shared(protocol.SERVER_STATUS_FILTER):
         return SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
     return SubscribeOptions(qos=1)
-
-
-def _no_delay(client: mqtt.Client) -> None:
-    """TCP_NODELAY on the broker connection (paho leaves Nagle's algorithm on).
-
-    With Nagle, a small response written while an earlier segment waits for its
-    (delayed) ACK sits up to 40 ms: two of those per request/response on a device's
-    path doubled the first-boot time (docs/performance.md).
-    """
-    sock = client.socket()
-    if isinstance(sock, socket.socket):  # ssl.SSLSocket included
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class ProvisioningServer:
@@ -151,7 +137,7 @@ class ProvisioningServer:
         if reason.is_failure:
             log.error("event=broker-connect result=%s", reason)
             return
-        _no_delay(client)
+        disable_nagle(client)
         client.subscribe([(f, _subscribe_options(f)) for f in FILTERS])
         self._connected.set()
         log.info(
