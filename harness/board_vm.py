@@ -224,7 +224,7 @@ def _mac() -> str:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--arch", type=click.Choice(sorted(ARCHES)), default="amd64", show_default=True)
-@click.option("--backend", type=click.Choice(["deployed", "host"]), default="host",
+@click.option("--backend", type=click.Choice(["deployed", "host"]), default="deployed",
               show_default=True, help="deployed: docs/server.md Deploy in a Debian 12 "
               "container; host: processes on this machine.")  # fmt: skip
 @click.option("--agent-deb", type=click.Path(path_type=Path, exists=True, dir_okay=False),

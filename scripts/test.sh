@@ -25,7 +25,10 @@ fi
 # its UART, ACTIVE under systemd, with power cuts. Its image is cached outside the
 # checkout; BOARD_VM=0 skips it (a quick local run).
 if [ "${BOARD_VM:-1}" != 0 ]; then
-    deb=$(ls -t dist/provision-agent_*_"$(dpkg --print-architecture)".deb | head -1)
-    echo "== board VM ($deb)"; bash scripts/board-vm.sh --agent-deb "$deb"
+    arch=$(dpkg --print-architecture)
+    agent_deb=$(ls -t dist/provision-agent_*_"$arch".deb | head -1)
+    server_deb=$(ls -t dist/provision-server_*_"$arch".deb | head -1)
+    echo "== board VM ($agent_deb against $server_deb deployed as docs/server.md says)"
+    bash scripts/board-vm.sh --backend deployed --agent-deb "$agent_deb" --server-deb "$server_deb"
 fi
 echo "== pytest"; .venv/bin/pytest "$@"
