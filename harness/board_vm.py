@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -44,6 +45,7 @@ GUEST_PORTS: Final = (8883, 8884)  # what the station writes on the board
 FACTORY_CUTS: Final = ("gen_key", "commit")
 FIELD_CUTS: Final = ("PROVISIONING", "PROVISIONED")
 BOOT_TIMEOUT_S: Final = 600.0
+KEEP_RUNS: Final = 5  # run directories (disk overlay, logs, backend) kept for a look afterwards
 
 
 def say(text: str) -> None:
@@ -217,6 +219,16 @@ class Scenario:
         say("reboot: ACTIVE again with the same certificate, no token asked")
 
 
+def _new_run_dir(arch: str, keep: int = KEEP_RUNS) -> Path:
+    """A fresh directory under the cache's runs/; only the newest ``keep`` older ones stay."""
+    runs = cache_root() / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    old = sorted((p for p in runs.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    for stale in old[: max(0, len(old) - keep)]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return runs / f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
 def _mac() -> str:
     octets = [0x02, 0x42, *(random.randint(0, 255) for _ in range(4))]  # noqa: S311
     return ":".join(f"{o:02x}" for o in octets)
@@ -245,9 +257,7 @@ def main(
 ) -> None:
     """Boot a Debian 12 board VM, program it over its UART and see it ACTIVE."""
     started = time.monotonic()
-    workdir = (
-        workdir or cache_root() / "runs" / f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
-    ).resolve()
+    workdir = (workdir or _new_run_dir(arch)).resolve()
     workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
     services: BoardBackend | None = None
     board: QemuBoard | None = None
