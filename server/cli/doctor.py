@@ -38,6 +38,7 @@ from server.broker.acl_rules import render_operational_acl
 from server.broker.acl_sync import read_broker_state
 from server.broker.layout_file import load_layout
 from server.broker.mosquitto_conf import BrokerLayout
+from server.cli.state import config_option
 from server.config import ServerConfig, load_server_config
 from server.errors import ServerError
 from server.pki.ca_files import CaPaths, load_cert
@@ -345,14 +346,7 @@ def diagnose(config: ServerConfig, now: datetime | None = None) -> list[CheckRes
 
 
 @click.command("doctor")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    envvar="PROVISION_SERVER_CONFIG",
-    default=None,
-    help="The TOML config `run` uses (see docs/server.md). Also PROVISION_SERVER_CONFIG.",
-)
+@config_option("the one `run` uses")
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
 @click.pass_context
 def doctor_command(ctx: click.Context, config_path: Path | None, as_json: bool) -> None:

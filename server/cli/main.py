@@ -14,7 +14,7 @@ from server.cli.doctor import doctor_command
 from server.cli.history import device_history_command
 from server.cli.output import DEVICE_HEADERS, device_row, table, to_json
 from server.cli.pki import broker_config, ca
-from server.cli.state import CliState, ServerGroup, pass_state
+from server.cli.state import CliState, ServerGroup, config_option, pass_state
 from server.cli.trust import (
     audit_command,
     device_quarantine,
@@ -204,14 +204,7 @@ device.add_command(device_history_command)  # server/cli/history.py
 
 
 @main.command("run")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    envvar="PROVISION_SERVER_CONFIG",
-    default=None,
-    help="TOML config file (see docs/server.md). Also PROVISION_SERVER_CONFIG.",
-)
+@config_option("for the service")
 @click.option("--ca-dir", type=click.Path(path_type=Path), default=None, help="CA directory.")
 @click.option("--broker-host", default=None, help="Broker host (server listener).")
 @click.option("--broker-port", type=int, default=None, help="Broker port (server listener).")

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
 from server.errors import ServerError
 from server.store.db import Database
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def config_option(purpose: str) -> Callable[[F], F]:
+    """``--config FILE`` (or PROVISION_SERVER_CONFIG): the server's TOML, read for ``purpose``."""
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(path_type=Path, dir_okay=False),
+        envvar="PROVISION_SERVER_CONFIG",
+        default=None,
+        help=f"Server config file (see docs/server.md), {purpose}. Also PROVISION_SERVER_CONFIG.",
+    )
 
 
 class ServerGroup(click.Group):

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from server.cli.output import to_json
-from server.cli.state import CliState, pass_state
+from server.cli.state import CliState, config_option, pass_state
 from server.config import load_server_config
 from server.service import device_control
 from server.store.audit import audit
@@ -55,11 +55,7 @@ def device_revoke(state: CliState, device_ref: str, reason: str, as_json: bool) 
 
 @click.command("reprovision")
 @DEVICE_ARG
-@click.option(
-    "--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
-    envvar="PROVISION_SERVER_CONFIG", default=None,
-    help="Server config (for policy.offline_timeout_s). Also PROVISION_SERVER_CONFIG.",
-)  # fmt: skip
+@config_option("for policy.offline_timeout_s")
 @click.option("--force", is_flag=True, help="Approve although the device looks online.")
 @JSON_OPT
 @pass_state
