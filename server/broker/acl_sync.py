@@ -37,7 +37,7 @@ from pymongo.change_stream import DatabaseChangeStream
 
 from server.broker.broker_assets import install_broker_assets
 from server.broker.broker_control import BrokerControl
-from server.broker.broker_crls import crl_if_needed, enforced_now
+from server.broker.broker_crls import CrlFile, enforced_now
 from server.broker.fleet_state import WATCHED, Cuts, FleetState
 from server.broker.fleet_state import parse_serial as parse_serial  # re-exported
 from server.broker.mosquitto_conf import BrokerLayout, write_broker_files
@@ -137,6 +137,8 @@ class AclSync:
         self._pending_since: float | None = None  # wall clock: the change's own time
         self._last_lag = 0.0
         self.fleet: FleetState | None = None
+        self._crl = CrlFile(layout.crl_path, "device")
+        self._factory_crl = CrlFile(layout.factory_crl_path, "factory")
         self._lock = threading.Lock()
         self._pending = Cuts()
         self._reload_pending = False
@@ -154,6 +156,10 @@ class AclSync:
             pending = self._pending_since
             before = self.fleet
             self.fleet = FleetState.load(self.database)
+            # A full pass checks the CRL files themselves again (someone may have rewritten
+            # them); between full passes what was written is known.
+            self._crl.forget()
+            self._factory_crl.forget()
             if before is not None:
                 cuts = self.fleet.changes_since(before)
             else:
@@ -200,32 +206,30 @@ class AclSync:
         pending = self._pending_since
         return max(0.0, time.time() - pending) if pending is not None else self._last_lag
 
+    def _write(self, fleet: FleetState) -> bool:
+        return write_broker_files(
+            self.layout,
+            (),
+            (),
+            self._crl.needed(
+                self.ca, fleet.serials(birth=False), self.crl_validity, self.crl_refresh
+            ),
+            self._factory_crl.needed(
+                self.ca, fleet.serials(birth=True), self.crl_validity, self.crl_refresh
+            ),
+            operational_acl=fleet.operational_acl(),
+        )
+
     def _apply(self, cuts: Cuts) -> bool:
         """Write what changed; reload (then cut) when a file changed or a cut is due."""
         fleet = self.fleet
         assert fleet is not None
-        changed = write_broker_files(
-            self.layout,
-            (),
-            (),
-            crl_if_needed(
-                self.layout.crl_path,
-                self.ca,
-                "device",
-                fleet.serials(birth=False),
-                self.crl_validity,
-                self.crl_refresh,
-            ),
-            crl_if_needed(
-                self.layout.factory_crl_path,
-                self.ca,
-                "factory",
-                fleet.serials(birth=True),
-                self.crl_validity,
-                self.crl_refresh,
-            ),
-            operational_acl=fleet.operational_acl(),
-        )
+        try:
+            changed = self._write(fleet)
+        except BaseException:
+            self._crl.forget()
+            self._factory_crl.forget()
+            raise
         self.syncs += 1
         # Kept until the broker confirms, so a failed reload is retried by the next pass
         # (files unchanged by then) and no cut is lost.

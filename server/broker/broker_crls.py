@@ -82,3 +82,45 @@ def crl_if_needed(
     if crl_is_current(path, issuer_cert, frozenset(revoked), validity, refresh):
         return None
     return ca.build_crl(sorted(revoked.items()), validity, issuer=issuer)
+
+
+class CrlFile:
+    """One CRL file and what it is known to hold, so a sync that changes no revocation
+    does not re-read and re-verify a 100,000-entry CRL (about 0.3 s) on every pass."""
+
+    def __init__(self, path: Path, issuer: Literal["device", "factory"]) -> None:
+        self.path = path
+        self.issuer = issuer
+        self._serials: frozenset[int] | None = None  # None: unknown, read the file
+        self._next_update: datetime | None = None
+
+    def forget(self) -> None:
+        """After a failed write: the file may not hold what was last built."""
+        self._serials = None
+
+    def needed(
+        self,
+        ca: CertificateAuthority,
+        revoked: dict[int, datetime],
+        validity: timedelta,
+        refresh: timedelta,
+    ) -> bytes | None:
+        """A new CRL if its serials changed or the current one is due; else None."""
+        wanted = frozenset(revoked)
+        now = datetime.now(timezone.utc)
+        if self._serials is None:
+            pem = crl_if_needed(self.path, ca, self.issuer, revoked, validity, refresh)
+            self._serials = wanted
+            self._next_update = now + validity if pem is not None else self._file_next_update()
+            return pem
+        due = self._next_update is None or self._next_update - now <= validity - refresh
+        if self._serials == wanted and not due:
+            return None
+        self._serials, self._next_update = wanted, now + validity
+        return ca.build_crl(sorted(revoked.items()), validity, issuer=self.issuer)
+
+    def _file_next_update(self) -> datetime | None:
+        try:
+            return x509.load_pem_x509_crl(self.path.read_bytes()).next_update_utc
+        except (OSError, ValueError):
+            return None

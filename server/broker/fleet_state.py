@@ -103,6 +103,8 @@ class FleetState:
     certificates: dict[Any, tuple[str, str, int | None]] = field(default_factory=dict)
     """``_id -> (device_id, status, serial)`` of each device's current certificate."""
     revocations: dict[Any, Revocation] = field(default_factory=dict)
+    _acl_text: str | None = field(default=None, repr=False)
+    _revoked: frozenset[str] | None = field(default=None, repr=False)
 
     # -- reading --
 
@@ -182,15 +184,19 @@ class FleetState:
     # -- one document --
 
     def _set_acl(self, _id: Any, doc: Document | None) -> None:
+        before = self.blocks.get(_id)
         if doc is None:
             self.acl_docs.pop(_id, None)
             self.blocks.pop(_id, None)
         else:
             self.acl_docs[_id] = doc
             self.blocks[_id] = device_block(doc)
+        if self.blocks.get(_id) != before:
+            self._acl_text = None
 
     def _set_certificate(self, _id: Any, doc: Document | None) -> None:
         device_id = doc.get("device_id") if doc else None
+        before = self.certificates.get(_id)
         if doc is None or not isinstance(device_id, str):
             self.certificates.pop(_id, None)
         else:
@@ -199,13 +205,18 @@ class FleetState:
                 str(doc.get("status")),
                 parse_serial(doc.get("serial")),
             )
+        if self.certificates.get(_id) != before:
+            self._acl_text = self._revoked = None
 
     def _set_revocation(self, _id: Any, doc: Document | None) -> None:
         revocation = Revocation.of(doc) if doc is not None else None
+        before = self.revocations.get(_id)
         if revocation is None:
             self.revocations.pop(_id, None)
         else:
             self.revocations[_id] = revocation
+        if self.revocations.get(_id) != before:
+            self._acl_text = self._revoked = None
 
     # -- what the files say --
 
@@ -213,13 +224,15 @@ class FleetState:
     def revoked_device_ids(self) -> frozenset[str]:
         """Devices whose current certificate is revoked: marked so, or its serial is on the
         device CRL (a revocation written before, or without, the status update)."""
-        revoked = CertificateStatus.REVOKED.value
-        listed = {r.serial for r in self.revocations.values() if not r.birth}
-        return frozenset(
-            device_id
-            for device_id, status, serial in self.certificates.values()
-            if status == revoked or serial in listed
-        )
+        if self._revoked is None:
+            revoked = CertificateStatus.REVOKED.value
+            listed = {r.serial for r in self.revocations.values() if not r.birth}
+            self._revoked = frozenset(
+                device_id
+                for device_id, status, serial in self.certificates.values()
+                if status == revoked or serial in listed
+            )
+        return self._revoked
 
     def serials(self, *, birth: bool, now: datetime | None = None) -> dict[int, datetime]:
         """``serial -> revocation date`` for the device CRL (or the factory CRL)."""
@@ -231,10 +244,14 @@ class FleetState:
         }
 
     def operational_acl(self) -> str:
-        # A device_id held by two documents (no unique index on a foreign database):
-        # the first one read wins, as in a full render.
-        by_device: dict[str, list[str]] = {}
-        for found in self.blocks.values():
-            if found is not None:
-                by_device.setdefault(found[0], found[1])
-        return render_blocks(by_device, self.revoked_device_ids)
+        """The ACL file's text; rendered again only after a change that alters it (a write
+        stream of edits that leave every block as it was costs no 100,000-block render)."""
+        if self._acl_text is None:
+            # A device_id held by two documents (no unique index on a foreign database):
+            # the first one read wins, as in a full render.
+            by_device: dict[str, list[str]] = {}
+            for found in self.blocks.values():
+                if found is not None:
+                    by_device.setdefault(found[0], found[1])
+            self._acl_text = render_blocks(by_device, self.revoked_device_ids)
+        return self._acl_text
