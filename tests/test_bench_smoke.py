@@ -59,3 +59,20 @@ def test_bench_remote_database_and_registered_fleet_options(repo_root: Path) -> 
     assert results["large_server_start_s"] > 0 and results["large_ratio"] > 0
     metrics = [row["metric"] for row in report["rows"]]
     assert any("1 server start with 300 retained statuses" in m for m in metrics), metrics
+
+
+@pytest.mark.slow
+def test_broker_scale_bench_measures_every_row(repo_root: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.broker_scale", "--devices", "200", "--changes", "2",
+         "--sustained", "2", "--json"],
+        cwd=repo_root, capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    (result,) = json.loads(run.stdout)
+    assert result["devices"] == 200 and result["user_blocks"] == 20
+    assert result["crl_serials"] == 100 and result["broker_rss_mb"] > 0
+    assert len(result["rule_change_s"]) == 2 and len(result["revocation_s"]) == 2
+    assert result["sustained_rule_change_s"] and result["sustained_writes"] > 0
+    assert max(result["rule_change_s"] + result["revocation_s"]) < 10
+    assert "revocation -> session cut" in run.stderr  # the table
