@@ -39,6 +39,7 @@ from tests.broker_fixture import LocalBroker, can_connect, write_identity
 from tests.dbdump import snapshot
 from tests.device_kit import DeviceKit
 from tests.mqtt_device import MqttDevice
+from tests.test_server_mqtt import status_of, wait_for
 
 RENEW_INTERVAL = 2.0  # long enough that 30 renewals in flight land inside one interval under load
 
@@ -60,19 +61,6 @@ def server(
         yield service
     finally:
         running.stop()
-
-
-def wait_for(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.05)
-
-
-def status_of(database: Database, client_id: str) -> object:
-    doc = database.collection(DEVICES).find_one({"clientId": client_id})
-    return None if doc is None else doc.get("status")
 
 
 def cli(database: Database, *args: str) -> Any:
