@@ -41,6 +41,7 @@ from typing import Any
 import pymongo.errors
 from bson import ObjectId
 
+from bench.stack import percentile
 from harness.local_services import MongoWireServer
 from server.broker.acl_sync import AclSync
 from server.broker.fleet_state import FleetState
@@ -71,11 +72,6 @@ def rss_mb(pid: int) -> float:
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
 
 
 # --- the registered fleet ----------------------------------------------------------------

@@ -37,10 +37,10 @@ from bench.hostile_mqtt import (
     Session,
     Sessions,
     memory_growth_mb,
-    rss_bytes,
     write_key,
 )
 from bench.hostile_pki import Material
+from bench.stack import rss_bytes
 from server.broker.mosquitto_conf import BrokerLayout
 from server.pki.ca import CertificateAuthority
 from server.service.provisioning import ProvisioningService

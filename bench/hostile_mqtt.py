@@ -31,6 +31,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import protocol
 from bench.hostile_inputs import Channel, Hostile
+from bench.stack import rss_bytes
 from server.pki.ca import CertificateAuthority
 
 WINDOW: Final = 100  # messages in flight (unanswered) at most
@@ -38,17 +39,6 @@ TIMEOUT_S: Final = 60.0
 MB: Final = 1024 * 1024
 # A server that never sweeps devices OFFLINE while a long hostile run keeps them busy.
 QUIET_SERVER_ENV: Final = {"PROVISION_SERVER_POLICY_OFFLINE_TIMEOUT_S": "86400"}
-
-
-def rss_bytes(pid: int) -> int:
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    for line in text.splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> Path:
