@@ -31,9 +31,8 @@ fi
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "board-vm: apt-get install ${missing[*]}" >&2
     [ "$(id -u)" -eq 0 ] || { echo "board-vm: run as root to install them" >&2; exit 2; }
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q >/dev/null
-    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    . scripts/apt-install.sh
+    apt_install "${missing[@]}"
 fi
 if [ "$arch" = arm64 ] && [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
     update-binfmts --enable qemu-aarch64

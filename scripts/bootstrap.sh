@@ -6,15 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_install() {
-    local sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    export DEBIAN_FRONTEND=noninteractive
-    $sudo apt-get install -y -q --no-install-recommends "$@" >/dev/null 2>&1 || {
-        $sudo apt-get update -q >/dev/null
-        $sudo apt-get install -y -q --no-install-recommends "$@" >/dev/null
-    }
-}
+. scripts/apt-install.sh
 
 missing=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)

@@ -41,15 +41,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-apt_install() {
-    local sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    export DEBIAN_FRONTEND=noninteractive
-    $sudo apt-get install -y -q --no-install-recommends "$@" >/dev/null 2>&1 || {
-        $sudo apt-get update -q >/dev/null
-        $sudo apt-get install -y -q --no-install-recommends "$@" >/dev/null
-    }
-}
+. scripts/apt-install.sh
 missing=()
 command -v dpkg-deb >/dev/null 2>&1 && command -v dpkg-architecture >/dev/null 2>&1 \
     || missing+=(dpkg-dev)

@@ -16,10 +16,8 @@ command -v mmdebstrap >/dev/null 2>&1 || missing+=(mmdebstrap)
 command -v systemd-nspawn >/dev/null 2>&1 || missing+=(systemd-container)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "test: apt-get install ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1 \
-        || { apt-get update -q >/dev/null
-             apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null; }
+    . scripts/apt-install.sh
+    apt_install "${missing[@]}"
 fi
 # A real board (issue 13): the agent .deb in a Debian 12 qemu guest, flashed over
 # its UART, ACTIVE under systemd, with power cuts. Its image is cached outside the
