@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from harness.local_broker import reload_broker
 from harness.local_services import MosquittoBroker, free_port
 from server.broker.acl_sync import AclSync
 from server.broker.guard_plugin import cached_guard_plugin
@@ -28,7 +29,6 @@ from server.broker.mosquitto_conf import (
     BrokerError,
     BrokerLayout,
     InvalidRule,
-    reload_broker,
     render_mosquitto_conf,
     render_operational_acl,
     validate_rule,

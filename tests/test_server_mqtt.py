@@ -14,9 +14,9 @@ import pytest
 from bson import ObjectId
 
 from agent import protocol
-from harness.local_broker import start_local_broker
+from harness.local_broker import reload_broker, start_local_broker
 from harness.local_services import MosquittoBroker
-from server.broker.mosquitto_conf import BrokerLayout, reload_broker, write_broker_files
+from server.broker.mosquitto_conf import BrokerLayout, write_broker_files
 from server.pki.ca import CertificateAuthority
 from server.service.mqtt_transport import BrokerEndpoint, ProvisioningServer
 from server.service.policy import ServicePolicy
