@@ -1,8 +1,9 @@
 """The operational session: mTLS to the device listener, status, heartbeat, renewal.
 
-Status is a retained message on ``devices/<id>/status``: ``online`` after
-every connect and every ``heartbeat_s``, ``offline`` as the last will (an
-unclean loss) and on a clean stop (the will is not sent on a clean DISCONNECT).
+Status goes to ``devices/<id>/status``: a retained ``online`` after every connect
+(the announcement: the server always writes it), a plain ``online`` every
+``heartbeat_s`` (the server throttles these), a retained ``offline`` as the last
+will (an unclean loss) and on a clean stop (no will on a clean DISCONNECT).
 
 Renewal at ``renew_fraction`` of the certificate's life: a fresh key in a new
 slot, a CSR on ``devices/<id>/cert/renew``, the new certificate staged (not
@@ -103,12 +104,14 @@ class OperationalSession:
             raise
         return link
 
-    def _publish_status(self, link: MqttLink, status: str) -> None:
+    def _publish_status(self, link: MqttLink, status: str, *, retain: bool = True) -> None:
+        """Retained: the connection's announcement (the server always writes it) and the
+        final ``offline``; heartbeats are not retained (the server throttles them)."""
         link.publish(
             protocol.status_topic(self.client_id),
             protocol.encode({"status": status, "ts": _now_iso()}),
             self.context.timing.request_timeout_s,
-            retain=True,
+            retain=retain,
         )
 
     def _close(self, link: MqttLink, offline: bool) -> None:
@@ -182,7 +185,7 @@ class OperationalSession:
             self.context.tick()
             if time.monotonic() >= next_heartbeat:
                 try:
-                    self._publish_status(link, "online")
+                    self._publish_status(link, "online", retain=False)
                 except LinkError as exc:
                     # Refused (ACL: our certificate was revoked) or lost: reconnect, which
                     # also tells a revoked certificate (TLS refusal) from a network problem.

@@ -395,3 +395,50 @@ def test_sigterm_answers_every_request_it_accepted(
     # An accepted request is also a complete one in the database.
     provisioning = database.collection(DEVICES).count_documents({"status": "PROVISIONING"})
     assert provisioning == handled
+
+
+def test_an_announcement_is_written_although_this_process_throttles_heartbeats(
+    database: Database,
+    mqtt_ca: CertificateAuthority,
+    local_broker: tuple[MosquittoBroker, BrokerLayout],
+) -> None:
+    """Another server process (or the web app) changed the status since this process last
+    wrote ACTIVE: the device's next connection announces itself (retained ``online``) and
+    that is written at once; its heartbeats (not retained) stay throttled."""
+    _, layout = local_broker
+    service = ProvisioningService(database, mqtt_ca, ServicePolicy(status_write_interval=300.0))
+    running = ProvisioningServer(service, mqtt_ca, BrokerEndpoint("127.0.0.1", layout.server_port))
+    running.start()
+    assert running.wait_connected(10)
+    time.sleep(0.2)  # SUBACK
+    try:
+        kit = allocated_device(database, mqtt_ca, 7)
+        device = birth_session(kit, layout, mqtt_ca)
+        token = device.request(kit.token_request())
+        issued = device.request(kit.csr_request(token["token"]))
+        assert issued["ok"], issued
+        device.close()
+        operational = MqttDevice(
+            kit.client_id,
+            layout.operational_port,
+            mqtt_ca.paths.root_cert,
+            issued["certificate"],
+            kit.key,
+        )
+        operational.connect()
+        online = protocol.encode({"status": "online"})
+        topic = protocol.status_topic(kit.client_id)
+        assert not operational.publish(topic, online, retain=True).is_failure
+        wait_for(lambda: status_of(database, kit.client_id) == "ACTIVE")
+
+        # What a second server process does when the device re-provisions through it.
+        devices = database.collection(DEVICES)
+        devices.update_one({"clientId": kit.client_id}, {"$set": {"status": "PROVISIONED"}})
+        assert not operational.publish(topic, online).is_failure  # a heartbeat: throttled
+        time.sleep(1.0)
+        assert status_of(database, kit.client_id) == "PROVISIONED"
+        assert not operational.publish(topic, online, retain=True).is_failure  # announcement
+        wait_for(lambda: status_of(database, kit.client_id) == "ACTIVE", 5.0)
+        operational.close()
+    finally:
+        running.stop()

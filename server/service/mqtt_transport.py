@@ -71,9 +71,14 @@ def _subscribe_options(topic_filter: str) -> SubscribeOptions:
     A retained ``online`` is no evidence that the device is alive now anyway. A device
     whose status changed while no server listened converges through its next heartbeat
     (``online`` every ``heartbeat_s``) or the offline sweep (docs/performance.md).
+
+    Retain as published: a device publishes its first ``online`` of a connection
+    retained and its heartbeats not, and the server writes every announcement.
     """
     if topic_filter == protocol.shared(protocol.SERVER_STATUS_FILTER):
-        return SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+        return SubscribeOptions(
+            qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND, retainAsPublished=True
+        )
     return SubscribeOptions(qos=1)
 
 
@@ -190,7 +195,9 @@ class ProvisioningServer:
             log.info("event=dropped reason=bad-topic topic=%r", topic[:100])
             return
         if topic == protocol.status_topic(client_id):
-            self.service.handle_status(client_id, bytes(message.payload))
+            self.service.handle_status(
+                client_id, bytes(message.payload), announced=bool(message.retain)
+            )
             return
         if topic == protocol.request_topic(client_id):
             reply_to, channel = protocol.response_topic(client_id), RequestChannel.PROVISIONING

@@ -331,12 +331,16 @@ class ProvisioningService:
 
     # --- status -----------------------------------------------------------------
 
-    def handle_status(self, client_id: str, payload: bytes) -> None:
-        """Apply a device's status message (online/offline/error); never raises."""
+    def handle_status(self, client_id: str, payload: bytes, *, announced: bool = False) -> None:
+        """Apply a device's status message (online/offline/error); never raises.
+
+        ``announced``: the message was published retained, the device's announcement of a
+        new connection; unlike a heartbeat, its ``online`` is always written.
+        """
         try:
             report = protocol.parse_status(payload)
             if report.status == "online":
-                self._online(client_id)
+                self._online(client_id, announced=announced)
             elif report.status == "offline":
                 self._set_status(client_id, ONLINE_FROM, DeviceStatus.OFFLINE, {})
             else:
@@ -356,14 +360,18 @@ class ProvisioningService:
         with self._status_lock:
             self._last_status_write.pop(client_id, None)
 
-    def _online(self, client_id: str) -> None:
+    def _online(self, client_id: str, *, announced: bool) -> None:
         now = time.monotonic()
         with self._status_lock:
             last = self._last_status_write.get(client_id)
         # Heartbeats of an ACTIVE device only refresh lastSeenAt, and at most
-        # once per status_write_interval: the database write is the cost.
+        # once per status_write_interval: the database write is the cost. An
+        # announcement is always written: what this process last wrote may be stale
+        # (another server process, or the web app, re-provisioned the device since),
+        # and a device announces once per connection. Floods collapse in the batcher.
         if (
-            last
+            not announced
+            and last
             and last[0] == DeviceStatus.ACTIVE.value
             and now - last[1] < self.policy.status_write_interval
         ):
