@@ -102,6 +102,10 @@ class Will:
     retain: bool = True
 
 
+def _write_in_network_thread(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """Nothing to do: the network thread's client.loop() sees the queued packet."""
+
+
 class MqttLink:
     """A connected client; create, ``connect()``, use, ``close()``. Not reusable."""
 
@@ -132,6 +136,13 @@ class MqttLink:
         self._client.on_message = self._on_message
         self._client.on_log = self._on_log
         self._client.on_publish = self._on_publish
+        # Only the network thread may touch the TLS socket. Without loop_start(), paho
+        # writes a publish (or DISCONNECT) from the calling thread while our network
+        # thread may be reading the same SSL object: OpenSSL does not allow that, and
+        # the link dropped now and then (seen as a lost connection within a keepalive).
+        # With a write callback registered, paho only queues the packet and wakes the
+        # network thread through its socket pair; client.loop() then writes it.
+        self._client.on_socket_register_write = _write_in_network_thread
         self._publish_reasons: dict[int, ReasonCode] = {}
         self._connack = threading.Event()
         self._connack_reason: ReasonCode | None = None
