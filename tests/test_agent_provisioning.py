@@ -44,6 +44,7 @@ from server.store.schema import (
     CertificateStatus,
 )
 from tests.broker_fixture import LocalBroker
+from tests.gated_relay import GatedRelay
 from tests.simulated_board import make_sysfs
 from tests.test_agent_state import make_birth
 
@@ -130,7 +131,9 @@ def fleet_factory(
 class AgentProcess:
     """The agent's files and its process (restartable)."""
 
-    def __init__(self, tmp_path: Path, fleet: Fleet, timing: str = "") -> None:
+    def __init__(
+        self, tmp_path: Path, fleet: Fleet, timing: str = "", operational_port: int = 0
+    ) -> None:
         self.root = tmp_path / "device"
         self.state_dir = self.root / "state"
         sysfs = make_sysfs(self.root / "sys", {"eth0": (MAC.lower(), True)})
@@ -141,7 +144,10 @@ class AgentProcess:
             client_id=CLIENT_ID,
             mac=MAC,
             endpoints=Endpoints(
-                "127.0.0.1", layout.provisioning_port, "127.0.0.1", layout.operational_port
+                "127.0.0.1",
+                layout.provisioning_port,
+                "127.0.0.1",
+                operational_port or layout.operational_port,
             ),
         )
         self.config = self.root / "agent.toml"
@@ -214,8 +220,8 @@ class AgentProcess:
 def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     agents: list[AgentProcess] = []
 
-    def make(fleet: Fleet, timing: str = "") -> AgentProcess:
-        agent = AgentProcess(tmp_path, fleet, timing)
+    def make(fleet: Fleet, timing: str = "", operational_port: int = 0) -> AgentProcess:
+        agent = AgentProcess(tmp_path, fleet, timing, operational_port)
         agents.append(agent)
         return agent
 
@@ -348,6 +354,60 @@ def test_renewal_replaces_the_certificate_before_it_expires(
     revoked = fleet.database.collection(CERTIFICATE_REVOCATIONS).find_one({"serial": first})
     assert revoked is not None  # the old certificate is revoked once the new one is confirmed
     assert "to=RENEWING" in agent.log_text()
+
+
+def test_a_refused_renew_confirm_keeps_the_old_certificate_and_renews_again(
+    fleet_factory: Callable[..., Fleet], agent_factory: Callable[..., AgentProcess]
+) -> None:
+    """The server refuses ``renew-confirm`` for good (PROOF_INVALID): the agent must not
+    use the refused certificate, drops it and its key, stays on the old certificate
+    (still current in MongoDB) and renews again with a fresh key."""
+    life = CLOCK_SKEW + timedelta(seconds=30)
+    fleet = fleet_factory(validity=life)
+    fleet.allocate()
+    relay = GatedRelay(fleet.broker.layout.operational_port)
+    fraction = (CLOCK_SKEW.total_seconds() + 6) / life.total_seconds()
+    agent = agent_factory(
+        fleet, timing=f"renew_fraction = {fraction}\n", operational_port=relay.port
+    )
+    try:
+        agent.start()
+        first = agent.wait_state("ACTIVE")["cert_serial"]
+        # Hold the agent's next connection (the one with its new certificate) ...
+        relay.close_gate()
+        staged = wait_for(lambda: agent.state().get("renew_version"), 30, "a staged renewal")
+        wait_for(lambda: relay.held >= 1, 15, "the new certificate's connection at the gate")
+        pending = fleet.database.collection(DEVICE_CERTIFICATES).find_one(
+            {"device_id": CLIENT_ID, "renewal": {"$exists": True}}
+        )
+        assert pending is not None
+        refused_serial = pending["renewal"]["serial"]
+        # ... while the server's nonce changes: the agent's proof can no longer verify.
+        fleet.database.collection(DEVICE_CERTIFICATES).update_one(
+            {"_id": pending["_id"]}, {"$set": {"renewal.nonce": "not-the-one-sent"}}
+        )
+        relay.open_gate()
+        wait_for(lambda: "event=renew_confirm_refused" in agent.log_text(), 30, "the refusal")
+        record = agent.wait_state("ACTIVE")
+        assert record.get("renew_version") is None and record["cert_serial"] != refused_serial
+        assert format(agent.live_certificate().serial_number, "X") != refused_serial
+        assert CertificateStore(certs_dir(agent.state_dir)).live_version() != staged
+        assert len(agent.op_key_slots()) <= 1  # the refused certificate's key slot is gone
+        device = fleet.device()
+        assert device is not None and device["certificateSerial"] == first
+        # A fresh key and a new renewal then succeed.
+        wait_for(
+            lambda: (
+                agent.state().get("cert_serial") not in (None, first, refused_serial)
+                and agent.state().get("state") == "ACTIVE"
+            ),
+            40,
+            "a renewal after the refusal",
+        )
+        assert_converged(fleet, agent)
+    finally:
+        agent.stop()
+        relay.close()
 
 
 def test_revoked_certificate_leads_to_reprovisioning(
