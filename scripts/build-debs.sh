@@ -56,6 +56,8 @@ if ! command -v "$strip" >/dev/null 2>&1; then
 fi
 # The broker plugin is C, compiled here so that the backend host needs no compiler.
 guard_source=server/broker/provisioning_guard.c
+# All of guard_plugin.py's SOURCES (the headers beside them are found by #include "...").
+guard_sources=("$guard_source" server/broker/guard_control.c server/broker/device_rights.c)
 cc=gcc
 [ "$arch" != arm64 ] || [ "$(dpkg --print-architecture)" = arm64 ] || cc=aarch64-linux-gnu-gcc
 if [ -f "$guard_source" ]; then
@@ -242,7 +244,7 @@ for node in ast.parse(open(sys.argv[1]).read()).body:
         print(" ".join(ast.literal_eval(node.value)))' server/broker/guard_plugin.py)
     [ -n "$cflags" ] || { echo "build-debs: no CFLAGS in server/broker/guard_plugin.py" >&2; exit 1; }
     # shellcheck disable=SC2086  # the flags are words
-    "$cc" $cflags -I"$include" -o "$output" "$guard_source"
+    "$cc" $cflags -I"$include" -o "$output" "${guard_sources[@]}"
     rm -rf "$include"
     "$strip" --strip-unneeded -R .comment -R .note "$output"
     chmod 0644 "$output"

@@ -100,8 +100,10 @@ def test_conf_has_three_mtls_listeners_each_with_its_acl_crl_and_the_plugin(
     assert server["crlfile"] == operational["crlfile"] == str(layout.crl_path)
     assert provisioning["crlfile"] == str(layout.factory_crl_path)
     assert server["acl_file"] == str(layout.acl_server)
-    assert operational["acl_file"] == str(layout.acl_operational)
-    assert "acl_file" not in provisioning  # the plugin is its ACL
+    # The plugin is the device listeners' whole ACL; it reads the operational rights file.
+    assert "acl_file" not in provisioning and "acl_file" not in operational
+    assert operational["plugin_opt_rights_file"] == str(layout.acl_operational)
+    assert "plugin_opt_rights_file" not in server and "plugin_opt_rights_file" not in provisioning
     # Client id = certificate identity on the device listeners; birth usernames "CN=<id>".
     assert server["use_identity_as_username"] == operational["use_identity_as_username"]
     assert provisioning["use_subject_as_username"] == "true"

@@ -4,7 +4,9 @@ A rule the web app stored in ``device_acls`` is never copied into a file uncheck
 topics are validated (no newline, no ``%`` substitution, wildcards only as whole levels,
 allow rules stay out of other devices' and the provisioning namespace) and invalid rules
 are skipped and logged, so no database write can inject an ACL line. Birth certificates
-have no ACL file: provisioning_guard.c is the provisioning listener's whole ACL.
+have no ACL file: provisioning_guard.c is the provisioning listener's whole ACL. The
+operational ACL keeps Mosquitto's acl_file grammar but is read by the plugin
+(device_rights.c), not by Mosquitto.
 """
 
 from __future__ import annotations
@@ -109,8 +111,8 @@ def validate_rule(rule: object, client_id: str) -> AclRule:
         raise InvalidRule("allow must be true or false")
     topic = validate_topic_filter(rule.get("topic"))
     if not allow:
-        # A deny only takes rights away (Mosquitto checks denials first); any topic is fine.
-        # Mosquitto's deny covers both directions, whatever the action says.
+        # A deny only takes rights away (denials are checked first); any topic is fine.
+        # A deny covers both directions, whatever the action says (as acl_file's did).
         return AclRule("deny", topic)
     levels = topic.split("/")
     if levels[0] in ("+", "#", PROVISIONING_PREFIX):
@@ -172,8 +174,8 @@ def device_block(doc: Mapping[str, Any]) -> tuple[str, list[str]] | None:
 
 
 REVOKED_BLOCK: Final = ("topic deny #",)
-"""A revoked device's whole block: Mosquitto checks a user's denials before any grant and
-before the patterns, so its sessions lose every right at the reload."""
+"""A revoked device's whole block: the broker's rights table checks a user's denials before
+any grant and before the patterns, so its sessions lose every right."""
 
 
 def render_blocks(blocks: Mapping[str, Sequence[str]], revoked_device_ids: Iterable[str]) -> str:

@@ -1,4 +1,4 @@
-"""Reload the broker and cut sessions over MQTT, through the provisioning_guard plugin.
+"""Change device rights, reload the broker and cut sessions over MQTT (provisioning_guard).
 
 The plugin listens on ``$CONTROL/provisioning-guard/v1`` on the server listener (loopback);
 only the server identity may publish there (acl-server). Compared with SIGHUP through a pid
@@ -6,6 +6,8 @@ file this needs no signal rights and no shared /run directory (the hardened serv
 has neither), and it tells when the reload is applied: the plugin answers from Mosquitto's
 reload event, after the CRLs and before any further packet is read. Kicks sent with a
 reload run there too, so a cut device can only reconnect against the new CRL and ACLs.
+``update_rights`` replaces single devices' entries in the plugin's rights table (the
+operational listener's ACL) without a reload, then kicks.
 
 For other parts of the server: ``cut_device_sessions(layout, ["dev-1"])`` disconnects every
 session of those devices now (operational and birth); the ACL sync already does it for
@@ -19,7 +21,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import paho.mqtt.client as mqtt
@@ -36,6 +38,8 @@ CONTROL_TOPIC: Final = "$CONTROL/provisioning-guard/v1"
 RESPONSE_TOPIC: Final = f"{CONTROL_TOPIC}/response"
 KICKS_PER_MESSAGE: Final = 5000
 """About 100 kB per message, far below the broker's 1 MiB packet limit."""
+RIGHTS_BYTES_PER_MESSAGE: Final = 256 * 1024
+"""Rights blocks per message (a block is never split across two)."""
 DEFAULT_TIMEOUT_S: Final = 10.0
 
 
@@ -63,6 +67,7 @@ class BrokerControl:
         self._connected = threading.Event()
         self._subscribed = threading.Event()
         self._suback: list[ReasonCode] = []
+        self._stats: dict[str, dict[str, int]] = {}
 
     # -- connection --
 
@@ -128,7 +133,11 @@ class BrokerControl:
         self._subscribed.set()
 
     def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
-        verb, _, token = message.payload.decode("ascii", "replace").partition(" ")
+        verb, _, rest = message.payload.decode("ascii", "replace").partition(" ")
+        token, *fields = rest.split(" ")
+        if verb == "stats" and token in self._events:
+            pairs = (field.partition("=") for field in fields)
+            self._stats[token] = {k: int(v) for k, _, v in pairs if v.isdigit()}
         event = self._events.get(token) if verb == "done" else None
         if event is not None:
             event.set()
@@ -142,7 +151,7 @@ class BrokerControl:
 
     # -- requests --
 
-    def _send(self, lines: Sequence[str]) -> None:
+    def _send(self, lines: Sequence[str]) -> str:
         token = uuid.uuid4().hex[:16]
         event = threading.Event()
         self._events[token] = event
@@ -157,6 +166,7 @@ class BrokerControl:
                 )
         finally:
             self._events.pop(token, None)
+        return token
 
     def reload(self, kick: Iterable[str] = (), kick_birth: Iterable[str] = ()) -> float:
         """Reload conf, ACLs and CRLs, then disconnect the given devices' sessions.
@@ -173,6 +183,41 @@ class BrokerControl:
             for start in range(KICKS_PER_MESSAGE, len(lines), KICKS_PER_MESSAGE):
                 self._send(lines[start : start + KICKS_PER_MESSAGE])
         return time.monotonic() - started
+
+    def update_rights(self, blocks: Mapping[str, Sequence[str]], kick: Iterable[str] = ()) -> float:
+        """Replace these devices' rights in the broker at once, then cut ``kick``'s sessions.
+
+        ``blocks``: clientId -> its ``topic <access> <topic>`` lines (``acl_rules`` renders
+        and validates them; no lines = back to the baseline). The broker's file must
+        already say the same (a reload re-reads it). Returns the seconds until confirmed.
+        """
+        started = time.monotonic()
+        messages: list[list[str]] = [[]]
+        size = 0
+        for device_id in _valid_ids(blocks):
+            block = [f"user {device_id}", *blocks[device_id]]
+            block_size = sum(len(line) + 1 for line in block)
+            if messages[-1] and size + block_size > RIGHTS_BYTES_PER_MESSAGE:
+                messages.append([])
+                size = 0
+            messages[-1] += block
+            size += block_size
+        kicks = [f"kick {i}" for i in _valid_ids(kick)]
+        with self._lock:
+            for lines in messages[:-1]:
+                self._send(lines)
+            # The kicks after every block: a cut device reconnects to its new rights.
+            self._send(messages[-1] + kicks[:KICKS_PER_MESSAGE])
+            for start in range(KICKS_PER_MESSAGE, len(kicks), KICKS_PER_MESSAGE):
+                self._send(kicks[start : start + KICKS_PER_MESSAGE])
+        return time.monotonic() - started
+
+    def stats(self) -> dict[str, int]:
+        """The plugin's counters: ``loads`` (rights file reads: start and reloads),
+        ``blocks`` (device entries replaced over MQTT), ``devices`` (entries now)."""
+        with self._lock:
+            token = self._send(["stats"])
+        return self._stats.pop(token, {})
 
     def cut_sessions(self, device_ids: Iterable[str], *, birth_only: bool = False) -> None:
         """Disconnect every session of ``device_ids`` now, without a reload (no last will)."""

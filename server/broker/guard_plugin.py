@@ -1,13 +1,16 @@
-"""The ``provisioning_guard`` Mosquitto plugin: its C source beside this module, and its build.
+"""The ``provisioning_guard`` Mosquitto plugin: its C sources beside this module, and its build.
 
-Mosquitto 2.0.11's ``acl_file`` grants every SUBSCRIBE and the broker offers no way to
-cut a session from outside; ``provisioning_guard.c`` (about 300 lines, plugin API v5) adds
-subscribe-time authorization, the birth-certificate ACL, and a control topic that reloads
-the broker and disconnects sessions (docs/broker.md says why not the dynamic-security
-plugin). It is compiled with the system C compiler against Debian's ``mosquitto-dev``
-headers, so building needs ``gcc``, ``libc6-dev`` and ``mosquitto-dev``; running needs only
-the ``.so`` (``provision-server broker-config`` copies it beside the configuration: the one
-given with ``--guard-plugin``, else a packaged one (``PACKAGED``), else it builds one).
+Mosquitto 2.0.11's ``acl_file`` grants every SUBSCRIBE, re-parses the whole file on every
+reload and offers no way to cut a session from outside. The plugin (API v5) adds
+subscribe-time authorization, the birth and operational certificates' ACLs, and a control
+topic that changes one device's rights, reloads the broker and disconnects sessions
+(docs/broker.md says why not the dynamic-security plugin): ``provisioning_guard.c`` holds
+the checks and the plugin's life cycle, ``guard_control.c`` the control topic,
+``device_rights.c`` the operational rights table. It is compiled with the system C compiler
+against Debian's ``mosquitto-dev`` headers, so building needs ``gcc``, ``libc6-dev`` and
+``mosquitto-dev``; running needs only the ``.so`` (``provision-server broker-config``
+copies it beside the configuration: the one given with ``--guard-plugin``, else a packaged
+one (``PACKAGED``), else it builds one).
 """
 
 from __future__ import annotations
@@ -24,6 +27,12 @@ import platformdirs
 from server.errors import ServerError
 
 SOURCE: Final = Path(__file__).with_name("provisioning_guard.c")
+"""The plugin's entry points (``mosquitto_plugin_init``); compiled with ``SOURCES``."""
+SOURCES: Final = tuple(
+    Path(__file__).with_name(name)
+    for name in ("provisioning_guard.c", "guard_control.c", "device_rights.c")
+)
+HEADERS: Final = tuple(Path(__file__).with_name(name) for name in ("guard.h", "device_rights.h"))
 PLUGIN_NAME: Final = "provisioning_guard.so"
 PACKAGED: Final = (
     Path("/usr/lib/provision-server") / PLUGIN_NAME,
@@ -53,7 +62,7 @@ def build_guard_plugin(output: Path) -> Path:
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     temporary = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    argv = [_compiler(), *CFLAGS, "-o", str(temporary), str(SOURCE)]
+    argv = [_compiler(), *CFLAGS, "-o", str(temporary), *(str(path) for path in SOURCES)]
     try:
         result = subprocess.run(
             argv, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False
@@ -76,7 +85,11 @@ def packaged_guard_plugin() -> Path | None:
 
 
 def source_digest() -> str:
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    """What the cached build is keyed by: every source and header, and the flags."""
+    digest = hashlib.sha256(" ".join(CFLAGS).encode())
+    for path in (*SOURCES, *HEADERS):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def cached_guard_plugin() -> Path:

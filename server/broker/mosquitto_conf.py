@@ -4,15 +4,17 @@ Everything the broker reads lives in one directory (``BrokerLayout.directory``),
 Mosquitto, which drops root to its own user before it reads anything, needs read access
 to this directory only (never to the CA's)::
 
-    mosquitto.conf        listeners, TLS, per-listener ACL file and plugin
+    mosquitto.conf        listeners, TLS, the server listener's ACL file, the plugin
     acl-server            the server identity: provisioning/#, devices/#, fleet/#, control
-    acl-operational       operational certificates: tier patterns + per-device user blocks
+    acl-operational       operational certificates: tier patterns + per-device user blocks,
+                          read by the plugin (plugin_opt_rights_file), not by Mosquitto
     crl.pem               device CA CRL, loaded by the server and operational listeners
     factory-crl.pem       factory CA CRL, loaded by the provisioning listener
     broker.pem, broker.key, device-ca-chain.pem, factory-ca-chain.pem
                           copies of the CA's files (server/broker/broker_assets.py)
     provisioning_guard.so the plugin (server/broker/guard_plugin.py): SUBSCRIBE checks,
-                          the birth certificates' ACL, reload and kick over MQTT
+                          the birth and operational certificates' ACLs, rights changes,
+                          reload and kick over MQTT
 
 Files are mode 0640 in a setgid 0750 directory whose group is Mosquitto's: nothing in it
 is world-readable. Mosquitto's pid and log files go to ``runtime_dir`` when one is set
@@ -202,7 +204,10 @@ def render_mosquitto_conf(layout: BrokerLayout) -> str:
     lines += [
         "use_identity_as_username true",
         "use_username_as_clientid true",  # a certificate cannot take another client id
-        f"acl_file {v(layout.acl_operational)}",
+        # No acl_file: the plugin is this listener's whole ACL. It reads the same generated
+        # file into a hash table (at start and at every reload) and takes single devices'
+        # changes over its control topic, so a rule change needs no reload.
+        f"plugin_opt_rights_file {v(layout.acl_operational)}",
     ]
     return "\n".join(lines) + "\n"
 
