@@ -109,8 +109,9 @@ class LocalStack:
     ) -> subprocess.Popen[bytes]:
         """``provision-server run`` as a process; with ``metrics_port``, /metrics on loopback.
 
-        ``broker_sync``: the server keeps the broker's ACL/CRL files too (as deployed), so its
-        metrics show the sync and the CRL horizons; the stack's own sync stays on (they agree).
+        ``broker_sync``: the server keeps the broker's ACL/CRL files (as deployed), so its
+        metrics show the sync and the CRL horizons; the stack's own sync stops, so one
+        process writes the files and reloads the broker, as in production.
         """
         log = self.workdir / f"server-{len(self.servers)}.log"
         argv = [
@@ -128,6 +129,7 @@ class LocalStack:
         if metrics_port is not None:
             argv += ["--metrics-port", str(metrics_port)]
         if broker_sync:
+            self.sync.stop()  # idempotent; stop() at the end of the stack stops it again
             save_layout(self.layout)
             argv += ["--broker-config-dir", str(self.layout.directory)]
         with log.open("ab") as out:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import subprocess
 import sys
@@ -45,15 +46,12 @@ def local_broker(
         broker.stop()
 
 
-@pytest.fixture
-def server(
-    database: Database,
-    mqtt_ca: CertificateAuthority,
-    local_broker: tuple[MosquittoBroker, BrokerLayout],
+@contextlib.contextmanager
+def running_server(
+    database: Database, ca: CertificateAuthority, layout: BrokerLayout, policy: ServicePolicy
 ) -> Iterator[ProvisioningServer]:
-    _, layout = local_broker
-    service = ProvisioningService(database, mqtt_ca, ServicePolicy(status_write_interval=0.0))
-    running = ProvisioningServer(service, mqtt_ca, BrokerEndpoint("127.0.0.1", layout.server_port))
+    service = ProvisioningService(database, ca, policy)
+    running = ProvisioningServer(service, ca, BrokerEndpoint("127.0.0.1", layout.server_port))
     running.start()
     assert running.wait_connected(10)
     time.sleep(0.2)  # SUBACK
@@ -61,6 +59,17 @@ def server(
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture
+def server(
+    database: Database,
+    mqtt_ca: CertificateAuthority,
+    local_broker: tuple[MosquittoBroker, BrokerLayout],
+) -> Iterator[ProvisioningServer]:
+    policy = ServicePolicy(status_write_interval=0.0)
+    with running_server(database, mqtt_ca, local_broker[1], policy) as running:
+        yield running
 
 
 def allocated_device(database: Database, ca: CertificateAuthority, n: int) -> DeviceKit:
@@ -80,6 +89,23 @@ def birth_session(kit: DeviceKit, layout: BrokerLayout, ca: CertificateAuthority
     device.connect()
     device.subscribe(protocol.response_topic(kit.client_id))
     return device
+
+
+def operational_session(
+    kit: DeviceKit, layout: BrokerLayout, ca: CertificateAuthority, will: bytes | None = None
+) -> tuple[MqttDevice, dict[str, Any]]:
+    """Provision ``kit`` over its birth session; its operational session, connected."""
+    device = birth_session(kit, layout, ca)
+    token = device.request(kit.token_request())
+    assert token["ok"], token
+    issued = device.request(kit.csr_request(token["token"]))
+    assert issued["ok"], issued
+    device.close()
+    operational = MqttDevice(
+        kit.client_id, layout.operational_port, ca.paths.root_cert, issued["certificate"],
+        kit.key, will=will,
+    )  # fmt: skip
+    return operational.connect(), issued
 
 
 def status_of(database: Database, client_id: str) -> object:
@@ -105,23 +131,8 @@ def test_device_provisions_goes_active_and_is_refused_after_revocation(
 ) -> None:
     broker, layout = local_broker
     kit = allocated_device(database, mqtt_ca, 1)
-    device = birth_session(kit, layout, mqtt_ca)
-    token = device.request(kit.token_request())
-    assert token["ok"], token
-    issued = device.request(kit.csr_request(token["token"]))
-    assert issued["ok"], issued
-    device.close()
-
     will = protocol.encode({"status": "offline"})
-    operational = MqttDevice(
-        kit.client_id,
-        layout.operational_port,
-        mqtt_ca.paths.root_cert,
-        issued["certificate"],
-        kit.key,
-        will=will,
-    )
-    operational.connect()
+    operational, issued = operational_session(kit, layout, mqtt_ca, will)
     code = operational.publish(
         protocol.status_topic(kit.client_id), protocol.encode({"status": "online"}), retain=True
     )
@@ -406,26 +417,10 @@ def test_an_announcement_is_written_although_this_process_throttles_heartbeats(
     wrote ACTIVE: the device's next connection announces itself (retained ``online``) and
     that is written at once; its heartbeats (not retained) stay throttled."""
     _, layout = local_broker
-    service = ProvisioningService(database, mqtt_ca, ServicePolicy(status_write_interval=300.0))
-    running = ProvisioningServer(service, mqtt_ca, BrokerEndpoint("127.0.0.1", layout.server_port))
-    running.start()
-    assert running.wait_connected(10)
-    time.sleep(0.2)  # SUBACK
-    try:
+    policy = ServicePolicy(status_write_interval=300.0)
+    with running_server(database, mqtt_ca, layout, policy):
         kit = allocated_device(database, mqtt_ca, 7)
-        device = birth_session(kit, layout, mqtt_ca)
-        token = device.request(kit.token_request())
-        issued = device.request(kit.csr_request(token["token"]))
-        assert issued["ok"], issued
-        device.close()
-        operational = MqttDevice(
-            kit.client_id,
-            layout.operational_port,
-            mqtt_ca.paths.root_cert,
-            issued["certificate"],
-            kit.key,
-        )
-        operational.connect()
+        operational, _ = operational_session(kit, layout, mqtt_ca)
         online = protocol.encode({"status": "online"})
         topic = protocol.status_topic(kit.client_id)
         assert not operational.publish(topic, online, retain=True).is_failure
@@ -440,5 +435,3 @@ def test_an_announcement_is_written_although_this_process_throttles_heartbeats(
         assert not operational.publish(topic, online, retain=True).is_failure  # announcement
         wait_for(lambda: status_of(database, kit.client_id) == "ACTIVE", 5.0)
         operational.close()
-    finally:
-        running.stop()
