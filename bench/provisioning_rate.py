@@ -23,6 +23,7 @@ import pymongo.monitoring
 
 from agent.birth import Endpoints
 from bench.batch_progress import BatchProgress, lookup_statuses
+from bench.cpu_usage import CpuMeter, CpuUsage
 from bench.lightweight_device import DeviceIdentity, DeviceTiming, provision
 from bench.stack import BenchStack, Progress, percentile, pss_bytes, rss_bytes
 from harness.simulated_fleet import SimulatedBoard
@@ -49,6 +50,8 @@ class FleetResult:
     """``clientId: status`` of every device of the batch not ACTIVE at the end."""
     server_rss_peak: int
     server_rss_idle: int
+    cpu: CpuUsage | None = None
+    """CPU per process and database commands while the batch ran."""
 
     @property
     def per_second(self) -> float:
@@ -115,6 +118,8 @@ def run_fleet(
     layout = stack.layout
     failures: list[str] = []
     timings: list[DeviceTiming] = []
+    meter = CpuMeter(stack.process_ids, stack.server_status)
+    meter.start()
     watcher.start()
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="device")
     try:
@@ -139,6 +144,7 @@ def run_fleet(
     watcher.join(settle_timeout)
     watch.stop.set()
     watcher.join()
+    cpu = meter.stop()
     first = min((t.token_requested for t in timings), default=time.monotonic())
     end = watch.done_at if watch.done_at is not None else time.monotonic()
     statuses = lookup_statuses(devices, (i.client_id for i in identities))
@@ -158,6 +164,7 @@ def run_fleet(
         not_active=not_active,
         server_rss_peak=watch.rss_peak,
         server_rss_idle=idle_rss,
+        cpu=cpu,
     )
 
 

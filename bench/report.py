@@ -155,6 +155,7 @@ class Report:
                 None if remote else r["e2e_fraction_of_ceiling"] >= TARGET_FRACTION_OF_CEILING,
             ),
             _active_row(fleet),
+            *cpu_rows(fleet, "1 server"),
             Row("latency token -> certificate p50/p95/p99", f"{pcts('to_certificate')} ms"),
             Row("latency token -> online acked p50/p95/p99", f"{pcts('to_online')} ms"),
             Row("retries (retryable errors)", str(r["e2e_retries"])),
@@ -193,6 +194,7 @@ class Report:
                 ),
                 _rate_row(self.scaled, "2 servers", remote),
                 _active_row(self.scaled),
+                *cpu_rows(self.scaled, "2 servers"),
                 Row(
                     "scaling ratio 2 servers / 1",
                     f"{r['scaling_ratio']:.2f}",
@@ -218,6 +220,7 @@ class Report:
             ),
             _rate_row(self.large, f"1 server, {self.prefill.devices} registered", False),
             _active_row(self.large),
+            *cpu_rows(self.large, f"{self.prefill.devices} registered"),
             Row(
                 f"e2e at {self.prefill.devices} registered / at the start",
                 f"{r['large_ratio']:.2f}",
@@ -243,7 +246,56 @@ def _fleet(prefix: str, fleet: FleetResult) -> dict[str, Any]:
         f"{prefix}_per_s": round(fleet.per_second, 1),
         f"{prefix}_rss_idle_mb": round(fleet.server_rss_idle / MB, 1),
         f"{prefix}_rss_peak_mb": round(fleet.server_rss_peak / MB, 1),
+        **_cpu(prefix, fleet),
     }
+
+
+def _cpu(prefix: str, fleet: FleetResult) -> dict[str, Any]:
+    """CPU ms per ACTIVE device by process, cores busy, database commands per device."""
+    cpu, devices = fleet.cpu, fleet.active_in_db
+    if cpu is None or devices <= 0:
+        return {}
+    out: dict[str, Any] = {
+        f"{prefix}_cpu_window_s": round(cpu.seconds, 3),
+        f"{prefix}_cpu_ms_per_device": {
+            k: round(v, 2) for k, v in cpu.per_device_ms(devices).items()
+        },
+        f"{prefix}_cpu_cores": {k: round(v, 3) for k, v in cpu.cores().items()},
+    }
+    if cpu.db_commands is not None and cpu.db_ops is not None:
+        out[f"{prefix}_db_commands_per_device"] = round(cpu.db_commands / devices, 2)
+        out[f"{prefix}_db_ops_per_device"] = {
+            k: round(v / devices, 2) for k, v in cpu.db_ops.items()
+        }
+    return out
+
+
+def cpu_rows(fleet: FleetResult, label: str) -> list[Row]:
+    """One row per process: CPU ms per device and cores busy; then the database commands."""
+    cpu = fleet.cpu
+    if cpu is None or fleet.active_in_db <= 0:
+        return []
+    per_device, cores = cpu.per_device_ms(fleet.active_in_db), cpu.cores()
+    rows = [
+        Row(f"  CPU per device, {label}: {name}", f"{ms:.1f} ms ({cores[name]:.2f} cores)")
+        for name, ms in per_device.items()
+        if name != "total"
+    ]
+    rows.append(
+        Row(
+            f"  CPU per device, {label}: whole machine ({cpu.seconds:.1f} s window)",
+            f"{per_device['total']:.1f} ms ({cores['total']:.2f} of {os.cpu_count()} cores)",
+        )
+    )
+    if cpu.db_commands is not None and cpu.db_ops is not None:
+        ops = ", ".join(f"{k} {v / fleet.active_in_db:.1f}" for k, v in cpu.db_ops.items() if v)
+        rows.append(
+            Row(
+                f"  database commands per device, {label}",
+                f"{cpu.db_commands / fleet.active_in_db:.1f} (ops: {ops})",
+            )
+        )
+    return rows
 
 
 def _rate_row(fleet: FleetResult, servers: str, remote: bool) -> Row:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Final
+from typing import Any, Final
 
 from bench.db_proxy import LatencyProxy
 from bench.fleet_prefill import bench_listener_conf
@@ -209,6 +209,24 @@ class BenchStack:
 
     def server_rss(self) -> int:
         return sum(rss_bytes(proc.pid) for proc in self.servers)
+
+    def process_ids(self) -> dict[str, list[int]]:
+        """The processes a timed run's CPU is charged to, by name (``bench.cpu_usage``)."""
+        pids: dict[str, list[int]] = {"simulated devices (bench process)": [os.getpid()]}
+        if self._mongo is not None and self._mongo.process is not None:
+            pids["secantusd-py (database)"] = [self._mongo.process.pid]
+        if self.broker.process is not None:
+            pids["mosquitto"] = [self.broker.process.pid]
+        for index, proc in enumerate(self.servers):
+            pids[f"provision-server {index + 1}"] = [proc.pid]
+        if self._proxy is not None and self._proxy.process is not None:
+            pids["db latency proxy"] = [self._proxy.process.pid]
+        return pids
+
+    def server_status(self) -> dict[str, Any]:
+        """The database's ``serverStatus`` (its command counters)."""
+        status: dict[str, Any] = self.database.client.admin.command("serverStatus")
+        return status
 
     def next_mac(self) -> str:
         """A locally administered MAC not used before in this run."""

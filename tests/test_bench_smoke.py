@@ -27,6 +27,13 @@ def test_bench_small_fleet_reports_every_row_and_all_devices_active(repo_root: P
     assert 0 < results["e2e_fraction_of_ceiling"] < 1
     assert len(results["first_boot_samples_s"]) == 3
     assert results["e2e_rss_peak_mb"] > 0
+    # Where the CPU went, per process, and the database commands per device (both runs).
+    for phase, servers in (("e2e", 1), ("scaled", 2)):
+        cpu = results[f"{phase}_cpu_ms_per_device"]
+        names = {f"provision-server {n}" for n in range(1, servers + 1)}
+        assert names | {"secantusd-py (database)", "mosquitto", "total"} <= set(cpu), cpu
+        assert all(cpu[name] > 0 for name in names) and cpu["total"] > 0
+        assert results[f"{phase}_db_commands_per_device"] >= 2
     assert results["service_per_s"] > 0 and results["db_commands_per_device"] >= 3
     assert len(results["agent_boot_samples_s"]) == 1 and results["agent_rss_median_mb"] > 5
     p50, p95, p99 = (results[f"latency_to_certificate_p{p}_ms"] for p in (50, 95, 99))
@@ -34,7 +41,9 @@ def test_bench_small_fleet_reports_every_row_and_all_devices_active(repo_root: P
     metrics = [row["metric"] for row in report["rows"]]
     for needle in ("CSR check + sign", "end to end, 20 devices", "first boot to ACTIVE",
                    "server RSS", "scaling ratio", "latency token -> certificate",
-                   "server logic + database", "provision-agent RSS"):  # fmt: skip
+                   "server logic + database", "provision-agent RSS",
+                   "CPU per device, 1 server: mosquitto",
+                   "database commands per device, 2 servers"):  # fmt: skip
         assert any(needle in m for m in metrics), (needle, metrics)
     # The human-readable table went to stderr with the same rows, progress before it.
     assert "devices ACTIVE in database" in run.stderr
