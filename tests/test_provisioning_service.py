@@ -21,9 +21,10 @@ from server.service.device_control import approve_reprovision
 from server.service.policy import ServicePolicy
 from server.service.provisioning import ProvisioningService
 from server.store.audit import audit
+from server.store.certificates import IssuedCertificate
 from server.store.db import Database
 from server.store.devices import DeviceRepository
-from server.store.issuances import IssuanceLedger
+from server.store.issuances import IssuanceKind, IssuanceLedger, IssuanceState
 from server.store.schema import DEVICE_ACLS, DEVICE_CERTIFICATES, DEVICES, USERS
 from tests.dbdump import snapshot
 from tests.device_kit import DeviceKit
@@ -462,3 +463,45 @@ def test_birth_certificate_with_an_unknown_x509_version_is_a_bad_request(
     answer_ = answer(service, kit.client_id, kit.token_request())
     assert answer_["error"]["code"] == "BAD_REQUEST", answer_
     assert snapshot(database) == before
+
+
+def test_with_group_commit_a_csr_takes_four_round_trips_and_retires_stale_records(
+    database: Database, service_ca: CertificateAuthority, user_id: ObjectId
+) -> None:
+    """The certificate record, its ACL and the read of the ledger share one batch.
+
+    A certificate signed and recorded for the device earlier that never became its own
+    (a crash between the ledger insert and the device update) is still found by that
+    read and revoked: the audit stays clean.
+    """
+    database.start_group_commit()
+    try:
+        service = ProvisioningService(
+            database, service_ca, ServicePolicy(status_write_interval=0.0, token_min_interval=0.0)
+        )
+        kit = DeviceKit("board-gc", "02:00:00:00:0c:01", service_ca)
+        register(database, kit, user_id)
+        stale = IssuedCertificate.of(
+            service_ca.sign_device_certificate(
+                kit.key.public_key(), kit.client_id, kit.mac, timedelta(days=30)
+            )
+        )
+        ledger = IssuanceLedger(database)
+        ledger.record(
+            kit.client_id, stale, IssuanceKind.FIRST, IssuanceState.CURRENT, "provisioned"
+        )
+        token = answer(service, kit.client_id, kit.token_request())
+        group = database.group
+        assert group is not None and token["ok"]
+        before = group.batches
+        cert = answer(service, kit.client_id, kit.csr_request(token["token"]))
+        # device read; ledger insert; guarded update; record + ACL + ledger read
+        assert cert["ok"] and group.batches - before == 4, cert
+    finally:
+        database.stop_group_commit()
+    states = {r["serial"]: r["state"] for r in ledger.history(kit.client_id)}
+    assert states == {stale.serial: "superseded", cert["serial"]: "current"}
+    assert database.collection(DEVICE_ACLS).count_documents({"device_id": kit.client_id}) == 1
+    record = database.collection(DEVICE_CERTIFICATES).find_one({"device_id": kit.client_id})
+    assert record is not None and record["serial"] == cert["serial"]
+    assert audit(database).clean

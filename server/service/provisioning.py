@@ -280,14 +280,14 @@ class ProvisioningService:
                 "lost a race with another request for the same token",
             )
             return self._repeat_issued(self._device(client_id), checked.public_key)
-        self.records.record_issued(
-            client_id, device.get("userId"), cert, first_certificate=not reissue
-        )
-        # Everything else this device held (the certificate it replaces, a pending
-        # renewal) is revoked now.
+        # Ledger read in the record + ACL batch; all else it held is revoked after.
+        ledger = self.records.record_issued(
+            client_id, device.get("userId"), cert, first_certificate=not reissue,
+            read_along=self.ledger.by_device(client_id),
+        )  # fmt: skip
         self.ledger.retire_open(
             client_id, IssuanceState.SUPERSEDED, f"re-provisioned as {cert.serial}",
-            keep=cert.serial,
+            keep=cert.serial, records=ledger,
         )  # fmt: skip
         self._forget_status(client_id)
         log.info("event=certificate-issued device=%s serial=%s", client_id, cert.serial)

@@ -107,25 +107,39 @@ class CertificateRecords:
         reason: str = "superseded",
         *,
         first_certificate: bool = False,
-    ) -> None:
+        read_along: tuple[str, tuple[str, Any]] | None = None,
+    ) -> list[Document] | None:
         """Make ``cert`` the device's active certificate; revoke the one it replaces.
 
         ``first_certificate`` (the device document held no certificate before)
         tries a plain insert first: nothing to revoke, and an insert costs the
         embedded database half of an upsert. Any existing record falls back to
         the general path.
+
+        ``read_along`` (collection, (field, value)): a lookup that does not depend on
+        these writes, sent in the first certificate's batch (one round trip for all);
+        its documents are returned. None: not sent (not a first certificate).
         """
         if first_certificate:
-            # The record and the default ACL travel together (one batch with group commit).
+            # The record, the default ACL (and the lookup) travel together: one batch.
             record = {"_id": ObjectId(), **self._record_fields(client_id, user_id, cert)}
-            inserted, _ = self.database.insert_new_together(
+            (inserted, _), found = self.database.insert_and_find_all(
                 [
                     (DEVICE_CERTIFICATES, record),
                     (DEVICE_ACLS, self._default_acl(client_id, user_id)),
-                ]
+                ],
+                [] if read_along is None else [read_along],
             )
-            if inserted:
-                return
+            if not inserted:
+                self._record_again(client_id, user_id, cert, reason)
+            return found[0] if found else None
+        self._record_again(client_id, user_id, cert, reason)
+        return None
+
+    def _record_again(
+        self, client_id: str, user_id: ObjectId | None, cert: IssuedCertificate, reason: str
+    ) -> None:
+        """The general path: a record may exist (revoke what it holds unless it is ``cert``)."""
         previous = self.current(client_id)
         if previous is not None and previous.get("fingerprint") == cert.fingerprint:
             return  # already recorded (a retry after a crash)

@@ -121,11 +121,18 @@ class Database:
             return False
         return True
 
-    def insert_new_together(self, items: Sequence[tuple[str, Document]]) -> list[bool]:
-        """``insert_new`` of several documents, in one batch when group commit runs."""
+    def insert_and_find_all(
+        self,
+        inserts: Sequence[tuple[str, Document]],
+        finds: Sequence[tuple[str, tuple[str, Any]]] = (),
+    ) -> tuple[list[bool], list[list[Document]]]:
+        """``insert_new`` of each document and ``find_all_by`` of each lookup: one batch
+        (one round trip) when group commit runs. Only for operations independent of each
+        other: the lookups may or may not see the inserts."""
         if self.group is not None:
-            return self.group.insert_all(items)
-        return [self.insert_new(name, document) for name, document in items]
+            return self.group.insert_and_find_all(inserts, finds)
+        inserted = [self.insert_new(name, document) for name, document in inserts]
+        return inserted, [self.find_all_by(name, key) for name, key in finds]
 
     def update_guarded(
         self,

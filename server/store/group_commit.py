@@ -135,13 +135,27 @@ class GroupCommit:
         found: list[Document] = self._submit(_Op("find_all", collection, key=key))
         return found
 
-    def insert_all(self, items: Iterable[tuple[str, Document]]) -> list[bool]:
-        """Several inserts in the same batch (e.g. a certificate record and its ACL)."""
-        ops = [_Op("insert", collection, document=document) for collection, document in items]
-        return [bool(result) for result in self._submit(*ops)]
+    def insert_and_find_all(
+        self,
+        inserts: Iterable[tuple[str, Document]],
+        finds: Iterable[tuple[str, tuple[str, Any]]] = (),
+    ) -> tuple[list[bool], list[list[Document]]]:
+        """Several inserts and ``find_all`` lookups in the same batch: one round trip.
 
-    def _submit(self, *ops: _Op) -> Any:
-        """Queue ``ops``, wait for all; the result (one op) or the results (several)."""
+        For operations that do not depend on each other (a certificate record, its ACL
+        and the read of the device's ledger records): nothing orders them in the batch.
+        """
+        ins = [_Op("insert", collection, document=document) for collection, document in inserts]
+        looks = [_Op("find_all", collection, key=key) for collection, key in finds]
+        results = self._submit_all([*ins, *looks])
+        return [bool(r) for r in results[: len(ins)]], list(results[len(ins) :])
+
+    def _submit(self, op: _Op) -> Any:
+        """Queue ``op`` and wait for its result."""
+        return self._submit_all([op])[0]
+
+    def _submit_all(self, ops: list[_Op]) -> list[Any]:
+        """Queue ``ops`` together (the same batch), wait for all; their results in order."""
         with self._cond:
             if self._thread is None or self._stopping:
                 raise RuntimeError("GroupCommit is not running")
@@ -152,7 +166,7 @@ class GroupCommit:
         for op in ops:
             if op.error is not None:
                 raise op.error
-        return ops[0].result if len(ops) == 1 else [op.result for op in ops]
+        return [op.result for op in ops]
 
     # --- the committer ------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Final
+from typing import Any, Final
 
 import pymongo
 import pymongo.errors
@@ -90,21 +90,34 @@ class IssuanceLedger:
     def find(self, serial: str) -> Document | None:
         return self.database.call(lambda: self.collection.find_one({"serial": serial}))
 
+    @staticmethod
+    def by_device(device_id: str) -> tuple[str, tuple[str, Any]]:
+        """The lookup of all the device's records (``Database.find_all_by`` arguments)."""
+        return CERTIFICATE_ISSUANCES, ("device_id", device_id)
+
     def open_records(
-        self, device_id: str, kinds: Iterable[str] = OPERATIONAL_KINDS
+        self,
+        device_id: str,
+        kinds: Iterable[str] = OPERATIONAL_KINDS,
+        records: list[Document] | None = None,
     ) -> list[Document]:
         """The device's current and pending records of ``kinds``, oldest first.
 
         All of the device's records by ``device_id`` (a handful), filtered here: one
-        lookup that group commit shares with the other requests in flight.
+        lookup that group commit shares with the other requests in flight. ``records``:
+        that lookup's answer, read already (in another batch); otherwise read now.
         """
         wanted = set(kinds)
-        records = [
+        if records is None:
+            records = self.database.find_all_by(*self.by_device(device_id))
+        found = [
             record
-            for record in self.database.find_all_by(CERTIFICATE_ISSUANCES, ("device_id", device_id))
-            if record.get("kind") in wanted and record.get("state") in OPEN_STATES
+            for record in records
+            if record.get("device_id") == device_id
+            and record.get("kind") in wanted
+            and record.get("state") in OPEN_STATES
         ]
-        return sorted(records, key=_issued_at)
+        return sorted(found, key=_issued_at)
 
     def history(self, device_id: str) -> list[Document]:
         """Every record of the device, oldest first."""
@@ -151,10 +164,14 @@ class IssuanceLedger:
         *,
         keep: str | None = None,
         kinds: Iterable[str] = OPERATIONAL_KINDS,
+        records: list[Document] | None = None,
     ) -> list[str]:
-        """Retire every current/pending record of the device but ``keep``; their serials."""
+        """Retire every current/pending record of the device but ``keep``; their serials.
+
+        ``records``: the device's records read already (``by_device``), else read now.
+        """
         retired = []
-        for record in self.open_records(device_id, kinds):
+        for record in self.open_records(device_id, kinds, records):
             if record.get("serial") != keep:
                 self.retire(record, state, reason)
                 retired.append(str(record["serial"]))
