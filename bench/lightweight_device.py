@@ -1,35 +1,30 @@
 """A light simulated device: the agent's wire behaviour without its state directory.
 
-Many of these run in one process (one paho-mqtt network thread each while busy). Each
-does exactly what a real board does on the wire, over real TLS with its own birth
-certificate: token request, CSR, then an mTLS session on the operational listener with
-a retained ``online`` status. The keys, birth certificate and CSR are made beforehand
-(a real board makes them on its own CPU, not on the server's), so the timed part is
-the network, broker, server and database work.
+Many of these run in one process, each on the calling thread with its own TLS sockets
+(``bench.mqtt_wire``: no network thread per connection). Each does exactly what a real
+board does on the wire, over real TLS with its own birth certificate: token request, CSR,
+then an mTLS session on the operational listener with a retained ``online`` status.
+The birth key and certificate are the factory's work, made when the benchmark registers
+the device (before the clock); the operational key and the CSR are the device's own
+field work and are made inside ``provision``, on the benchmark's clock.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import ssl
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import protocol
 from agent.keystore import build_csr
+from bench.mqtt_wire import MqttConnection, MqttError
 from server.pki.ca import CertificateAuthority
 
 RESPONSE_TIMEOUT_S: Final = 30.0
@@ -54,7 +49,12 @@ def _write_private(path: Path, data: bytes) -> None:
 
 @dataclass(frozen=True)
 class DeviceIdentity:
-    """What a board holds after the factory, plus its operational key and CSR."""
+    """What a board holds after the factory (birth key and certificate).
+
+    ``operational_key`` is where ``provision`` writes the key it makes on the clock.
+    ``csr_pem`` is a CSR for the in-process measure only (``measure_service_rate``,
+    which has no device); its key is not kept.
+    """
 
     client_id: str
     mac: str
@@ -77,7 +77,6 @@ class DeviceIdentity:
         paths = (directory / "birth.pem", directory / "birth.key", directory / "op.key")
         paths[0].write_text(birth_pem)
         _write_private(paths[1], _key_pem(birth_key))
-        _write_private(paths[2], _key_pem(key))
         return cls(
             client_id=client_id,
             mac=mac,
@@ -109,96 +108,39 @@ class DeviceTiming:
         return self.online_acknowledged - self.token_requested
 
 
-class _Session:
-    """One MQTT v5 connection over mTLS with blocking publish and correlated replies."""
+def _tls_context(root_ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    """The device's TLS client context: our root only, its own certificate and key."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(root_ca))
+    context.load_cert_chain(str(cert), str(key))
+    return context
 
-    def __init__(self, client_id: str, root_ca: Path, cert: Path, key: Path) -> None:
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(root_ca))
-        context.load_cert_chain(str(cert), str(key))
-        self.client_id = client_id
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=mqtt.MQTTv5,
-            reconnect_on_failure=False,
+
+def _connect(
+    identity: DeviceIdentity, context: ssl.SSLContext, port: int, will: bool = False
+) -> MqttConnection:
+    connection = MqttConnection(context, port, RESPONSE_TIMEOUT_S)
+    try:
+        status = protocol.encode({"status": "offline"})
+        connection.connect(
+            identity.client_id,
+            (protocol.status_topic(identity.client_id), status) if will else None,
         )
-        self.client.tls_set_context(context)
-        self._cond = threading.Condition()
-        self._connack: ReasonCode | None = None
-        self._acks: dict[int, Any] = {}
-        self._replies: dict[bytes, dict[str, Any]] = {}
-        self.client.on_connect = self._on_connect
-        self.client.on_publish = self._on_ack
-        self.client.on_subscribe = self._on_subscribe
-        self.client.on_message = self._on_message
+    except BaseException:
+        connection.close()
+        raise
+    return connection
 
-    def _on_connect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
-        with self._cond:
-            self._connack = rc
-            self._cond.notify_all()
 
-    def _on_ack(self, _c: mqtt.Client, _u: Any, mid: int, rc: Any, _p: Any) -> None:
-        with self._cond:
-            self._acks[mid] = rc
-            self._cond.notify_all()
-
-    def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, rc: Any, _p: Any) -> None:
-        self._on_ack(_c, _u, mid, rc, _p)
-
-    def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
-        correlation = getattr(message.properties, "CorrelationData", None)
-        try:
-            body = json.loads(message.payload)
-        except ValueError:
-            return
-        if isinstance(correlation, bytes) and isinstance(body, dict):
-            with self._cond:
-                self._replies[correlation] = body
-                self._cond.notify_all()
-
-    def _wait(self, ready: Any, what: str) -> None:
-        with self._cond:
-            if not self._cond.wait_for(ready, RESPONSE_TIMEOUT_S):
-                raise DeviceFailed(f"{self.client_id!r}: timed out waiting for {what}")
-
-    def connect(self, port: int) -> None:
-        self.client.connect("127.0.0.1", port, keepalive=60)
-        # As the server does (server/service/mqtt_transport.py): no Nagle delay on replies.
-        sock = self.client.socket()
-        if isinstance(sock, socket.socket):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.client.loop_start()
-        self._wait(lambda: self._connack is not None, "CONNACK")
-        if self._connack is not None and self._connack.is_failure:
-            raise DeviceFailed(f"connection refused: {self._connack}")
-
-    def subscribe(self, topic: str) -> None:
-        _, mid = self.client.subscribe(topic, qos=1)
-        self._wait(lambda: mid in self._acks, f"SUBACK {topic}")
-
-    def publish_retained(self, topic: str, payload: bytes) -> None:
-        info = self.client.publish(topic, payload, qos=1, retain=True)
-        self._wait(lambda: info.mid in self._acks, f"PUBACK {topic}")
-        code = self._acks[info.mid]
-        if isinstance(code, ReasonCode) and code.is_failure:
-            raise DeviceFailed(f"publish on {topic} refused: {code}")
-
-    def request(self, client_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        correlation = os.urandom(8)
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.ResponseTopic = protocol.response_topic(client_id)
-        props.CorrelationData = correlation
-        self.client.publish(
-            protocol.request_topic(client_id), json.dumps(body).encode(), qos=1, properties=props
-        )
-        self._wait(lambda: correlation in self._replies, f"the answer to {body.get('op')}")
-        return self._replies.pop(correlation)
-
-    def close(self) -> None:
-        self.client.disconnect()  # reason 0: the broker discards the will
-        self.client.loop_stop()
-        # paho leaves its wake-up socket pair to __del__ (a ResourceWarning otherwise).
-        self.client._reset_sockets()
+def _request(connection: MqttConnection, client_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    raw = connection.request(
+        protocol.request_topic(client_id),
+        json.dumps(body).encode(),
+        protocol.response_topic(client_id),
+    )
+    answer = json.loads(raw)
+    if not isinstance(answer, dict):
+        raise DeviceFailed(f"{client_id!r}: the answer to {body.get('op')} is not an object")
+    return answer
 
 
 def provision(
@@ -209,44 +151,49 @@ def provision(
     Retryable errors (e.g. ``INTERNAL`` under load) are retried after the server's
     ``retryAfter`` or 0.2 s, as the agent would, up to MAX_ATTEMPTS per step.
     """
-    birth = _Session(identity.client_id, root_ca, identity.birth_cert, identity.birth_key)
+    client_id = identity.client_id
     retries = 0
-    started = time.monotonic()
+    # Field work of the device itself, on the benchmark's clock (design: a real board
+    # does it on its own CPU): a fresh operational key and its CSR.
+    key = ec.generate_private_key(ec.SECP256R1())
+    key_path = identity.operational_key
+    _write_private(key_path, _key_pem(key))
+    csr_pem = build_csr(key, client_id, identity.mac).decode()
     try:
-        birth.connect(provisioning_port)
-        birth.subscribe(protocol.response_topic(identity.client_id))
-        token_body = {"v": 1, "op": "token", "mac": identity.mac, "cert": identity.birth_pem}
-        started = time.monotonic()
-        for _ in range(MAX_ATTEMPTS):
-            answer = birth.request(identity.client_id, token_body)
-            if answer.get("ok"):
-                csr_body = {"v": 1, "op": "csr", "token": answer["token"], "csr": identity.csr_pem}
-                answer = birth.request(identity.client_id, csr_body)
+        context = _tls_context(root_ca, identity.birth_cert, identity.birth_key)
+        birth = _connect(identity, context, provisioning_port)
+        try:
+            birth.subscribe(protocol.response_topic(client_id))
+            token_body = {"v": 1, "op": "token", "mac": identity.mac, "cert": identity.birth_pem}
+            started = time.monotonic()
+            for _ in range(MAX_ATTEMPTS):
+                answer = _request(birth, client_id, token_body)
                 if answer.get("ok"):
-                    break
-            retries += 1
-            error = answer.get("error") or {}
-            time.sleep(float(error.get("retryAfter") or 0.2))
-        else:
-            raise DeviceFailed(f"{identity.client_id}: gave up: {answer}")
-        certified = time.monotonic()
-    finally:
-        birth.close()
-    cert_path = identity.directory / "op.pem"
-    cert_path.write_text(answer["certificate"])
-    session = _Session(identity.client_id, root_ca, cert_path, identity.operational_key)
-    session.client.will_set(
-        protocol.status_topic(identity.client_id),
-        protocol.encode({"status": "offline"}),
-        qos=1,
-        retain=True,
-    )
-    try:
-        session.connect(operational_port)
-        session.publish_retained(
-            protocol.status_topic(identity.client_id), protocol.encode({"status": "online"})
-        )
-        online = time.monotonic()
-    finally:
-        session.close()
-    return DeviceTiming(identity.client_id, started, certified, online, retries)
+                    csr = {"v": 1, "op": "csr", "token": answer["token"], "csr": csr_pem}
+                    answer = _request(birth, client_id, csr)
+                    if answer.get("ok"):
+                        break
+                retries += 1
+                error = answer.get("error") or {}
+                time.sleep(float(error.get("retryAfter") or 0.2))
+            else:
+                raise DeviceFailed(f"{client_id}: gave up: {answer}")
+            certified = time.monotonic()
+        finally:
+            birth.close()
+        cert_path = identity.directory / "op.pem"
+        cert_path.write_text(answer["certificate"])
+        context = _tls_context(root_ca, cert_path, key_path)
+        session = _connect(identity, context, operational_port, will=True)
+        try:
+            topic = protocol.status_topic(client_id)
+            pid = session.publish(topic, protocol.encode({"status": "online"}), retain=True)
+            reason = session.wait_ack(pid)
+            if reason >= 0x80:
+                raise DeviceFailed(f"publish on {topic} refused: reason 0x{reason:02x}")
+            online = time.monotonic()
+        finally:
+            session.close()
+    except (MqttError, OSError) as exc:
+        raise DeviceFailed(f"{client_id!r}: {exc}") from None
+    return DeviceTiming(client_id, started, certified, online, retries)
