@@ -20,6 +20,9 @@ Keys (all optional; section.key):
     policy.renew_min_interval_s  60   (a device gets at most one certificate per interval)
     service.workers              32   (requests in flight; they share database round
                                  trips through group commit, so more wait cheaply)
+    service.db_batches_in_flight 3    (group-commit batches out at once: more for a
+                                 database far away, 1 for one that is CPU-bound beside
+                                 the server: fewer, larger batches; docs/performance.md)
     metrics.port                 none (no metrics); `run --metrics-port` serves Prometheus
                                  metrics on http://<metrics.host>:<port>/metrics
     metrics.host                 127.0.0.1 (loopback: put a reverse proxy or the scraper
@@ -110,6 +113,7 @@ class ServerConfig:
     reprovision_retry_s: float = 60.0
     renew_min_interval_s: float = 60.0
     workers: int = 32
+    db_batches_in_flight: int = 3
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
 
@@ -143,6 +147,7 @@ _KEYS: Final = {
     ("policy", "reprovision_retry_s"): "reprovision_retry_s",
     ("policy", "renew_min_interval_s"): "renew_min_interval_s",
     ("service", "workers"): "workers",
+    ("service", "db_batches_in_flight"): "db_batches_in_flight",
     ("metrics", "port"): "metrics_port",
     ("metrics", "host"): "metrics_host",
 }

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bench.db_proxy import LatencyProxy
 from server.errors import DatabaseUnavailable
 from server.store.db import Database, Document
 from server.store.schema import DEVICE_ACLS, DEVICES
@@ -157,3 +160,40 @@ def test_find_all_answers_each_request_with_all_its_documents(grouped: Database)
     )
     serials = [sorted(str(doc["serial"]) for doc in found) for found in results]  # type: ignore[attr-defined]
     assert serials == [["S0", "S4", "S8"], ["S1", "S5", "S9"], ["S11", "S3", "S7"], []]
+
+
+def _insert_later(database: Database, delay: float, doc: Document) -> bool:
+    time.sleep(delay)
+    return database.insert_new(DEVICE_ACLS, doc)
+
+
+@pytest.mark.parametrize("in_flight", [1, 3])
+def test_batches_in_flight_bound_how_finely_requests_are_split(
+    mongodb_uri: str, tmp_path: Path, in_flight: int
+) -> None:
+    """With one batch out at a time, what arrives during its round trip goes as one.
+
+    The database is 100 ms away (the benchmark's latency proxy); 40 inserts arrive in
+    4 waves 20 ms apart. One slot: the first batch goes, everything after it waits for
+    its round trip and goes together (2 batches; 3 if the first wave was split). Three
+    slots: each wave finds one free and goes on its own (4 or more).
+    """
+    with LatencyProxy(mongodb_uri, 100, tmp_path / "proxy.log") as proxy:
+        database = Database(proxy.uri)
+        group = database.start_group_commit(in_flight)
+        try:
+            database.ping()
+            calls: list[Callable[[], object]] = [
+                partial(_insert_later, database, 0.02 * (n // 10),
+                        {"device_id": f"slot-{in_flight}-{n}", "tier": "1"})
+                for n in range(40)
+            ]  # fmt: skip
+            results = together(calls)
+        finally:
+            database.close()
+    assert results == [True] * 40
+    assert group.in_flight == in_flight and group.operations == 40
+    if in_flight == 1:
+        assert group.batches <= 3
+    else:
+        assert group.batches >= 4

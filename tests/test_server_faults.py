@@ -54,12 +54,14 @@ def test_config_file_env_and_options_in_order(tmp_path: Path) -> None:
     path = tmp_path / "server.toml"
     path.write_text(
         '[database]\nuri = "mongodb://db.example/fleet"\n[ca]\ndir = "ca"\n'
-        "[policy]\ntoken_lifetime_s = 120\n[service]\nworkers = 8\n"
+        "[policy]\ntoken_lifetime_s = 120\n[service]\nworkers = 8\ndb_batches_in_flight = 1\n"
     )
     config = load_server_config(path, env={"PROVISION_SERVER_POLICY_OFFLINE_TIMEOUT_S": "90"})
     assert config.mongodb_uri == "mongodb://db.example/fleet"
     assert config.ca_dir == tmp_path / "ca"  # relative to the file
     assert config.token_lifetime_s == 120 and config.workers == 8
+    assert config.db_batches_in_flight == 1
+    assert load_server_config(None, env={}).db_batches_in_flight == 3
     assert config.offline_timeout_s == 90
     env = {"MONGODB_URI": "mongodb://other/x"}
     assert load_server_config(path, env=env).mongodb_uri == "mongodb://other/x"

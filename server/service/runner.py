@@ -58,7 +58,7 @@ def run_service(config: ServerConfig, *, verbose: bool = False) -> None:
     database = Database(config.mongodb_uri, event_listeners=[metrics.command_listener()])
     database.init()
     # Requests in flight share database round trips (server/store/group_commit.py).
-    database.start_group_commit()
+    database.start_group_commit(config.db_batches_in_flight)
     status_writer = StatusBatcher(database).start()
     service = ProvisioningService(
         database, ca, policy_of(config), status_writer=status_writer, metrics=metrics

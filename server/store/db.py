@@ -16,7 +16,7 @@ from pymongo.database import Database as MongoDatabase
 from pymongo.monitoring import CommandListener
 
 from server.errors import ConfigError, DatabaseUnavailable, ServerError
-from server.store.group_commit import GroupCommit
+from server.store.group_commit import IN_FLIGHT, GroupCommit
 from server.store.schema import INDEXES, WEB_APP_COLLECTIONS, IndexSpec
 
 DEFAULT_DATABASE: Final = "device_provisioning"
@@ -100,10 +100,12 @@ class Database:
 
     # --- operations that requests in flight may share (group commit) ---------------
 
-    def start_group_commit(self) -> GroupCommit:
-        """From now on the batched helpers go through one committer thread."""
+    def start_group_commit(self, in_flight: int = IN_FLIGHT) -> GroupCommit:
+        """From now on the batched helpers go through one committer thread.
+
+        ``in_flight``: batches out at once (``GroupCommit``)."""
         if self.group is None:
-            self.group = GroupCommit(self.db, self.guard).start()
+            self.group = GroupCommit(self.db, self.guard, in_flight=in_flight).start()
         return self.group
 
     def stop_group_commit(self) -> None:

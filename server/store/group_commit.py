@@ -5,7 +5,7 @@ operation's batch has been written or read; one committer thread takes every
 operation pending when it is free and sends them as one ``insert_many``, one
 unordered ``bulk_write`` and one ``$in`` query per collection. There is no timer:
 an operation that finds a batch slot free goes at once (a lone device waits for
-nothing), and those arriving while ``IN_FLIGHT`` batches are out form the next one,
+nothing), and those arriving while ``in_flight`` batches are out form the next one,
 so batches grow exactly as fast as the database is slow - or as far away (a 20 ms
 round trip costs a batch what it used to cost each operation).
 
@@ -46,8 +46,10 @@ log = logging.getLogger("provision.server")
 Document = dict[str, Any]
 DUPLICATE_KEY: Final = 11000
 IN_FLIGHT: Final = 3
-"""Batches out at once: with the database far away, a request waits for its own batch's
-round trip, not also for the one before it."""
+"""Batches out at once by default: with the database far away, a request waits for its
+own batch's round trip, not also for the one before it. With a database that is
+CPU-bound (single-threaded, on the server's cores) more batches in flight only cut the
+same work into more, smaller commands; 1 there (``service.db_batches_in_flight``)."""
 SENDERS: Final = 8
 """Commands of one batch in flight at once (collections x kinds of operation)."""
 MAX_BATCH: Final = 200
@@ -85,6 +87,7 @@ class GroupCommit:
         db: MongoDatabase[Document],
         guard: Callable[[], AbstractContextManager[None]],
         max_batch: int = MAX_BATCH,
+        in_flight: int = IN_FLIGHT,
     ) -> None:
         self.db = db
         self.guard = guard
@@ -95,8 +98,9 @@ class GroupCommit:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._senders = ThreadPoolExecutor(max_workers=SENDERS, thread_name_prefix="group-send")
-        self._batch_pool = ThreadPoolExecutor(max_workers=IN_FLIGHT, thread_name_prefix="group")
-        self._slots = threading.BoundedSemaphore(IN_FLIGHT)
+        self.in_flight = in_flight
+        self._batch_pool = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="group")
+        self._slots = threading.BoundedSemaphore(in_flight)
         self.batches = 0
         self.operations = 0
 
@@ -187,7 +191,7 @@ class GroupCommit:
 
     def _run(self) -> None:
         while True:
-            # A free slot first: while IN_FLIGHT batches are out, arrivals pile up into
+            # A free slot first: while in_flight batches are out, arrivals pile up into
             # the next one (that is the batching); with a slot free, they go at once.
             self._slots.acquire()
             with self._cond:
