@@ -50,13 +50,24 @@ class Options:
     scaling: bool
     db_rtt_ms: float
     registered: int
+    db_batches_in_flight: int | None = None
+
+    def server_env(self) -> dict[str, str]:
+        """Settings the benchmark's servers get beyond the defaults (environment)."""
+        if self.db_batches_in_flight is None:
+            return {}
+        return {"PROVISION_SERVER_SERVICE_DB_BATCHES_IN_FLIGHT": str(self.db_batches_in_flight)}
 
 
 def run_benchmark(options: Options, workdir: Path) -> Report:
     devices, concurrency = options.devices, options.concurrency
     load_start = os.getloadavg()[0]
     with BenchStack(
-        workdir, progress, db_rtt_ms=options.db_rtt_ms, fleet_listener=options.registered > 0
+        workdir,
+        progress,
+        db_rtt_ms=options.db_rtt_ms,
+        fleet_listener=options.registered > 0,
+        server_env=options.server_env(),
     ) as stack:
         ceiling_count = max(200, min(devices, 2000))
         progress(f"ceiling: checking and signing {ceiling_count} CSRs in-process")
@@ -152,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="then write a deployed fleet of this many devices and run again (e.g. 100000)",
     )
+    parser.add_argument(
+        "--db-batches-in-flight",
+        type=int,
+        default=None,
+        help="the servers' service.db_batches_in_flight (default: the server's, 3)",
+    )
     parser.add_argument("--json", action="store_true", help="JSON report on stdout")
     parser.add_argument(
         "--workdir", type=Path, default=None, help="keep logs and files here (default: temporary)"
@@ -162,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--devices, --concurrency and the sample counts must be at least 1")
     if args.db_rtt_ms < 0 or args.registered < 0:
         parser.error("--db-rtt-ms and --registered cannot be negative")
+    if args.db_batches_in_flight is not None and args.db_batches_in_flight < 1:
+        parser.error("--db-batches-in-flight must be at least 1")
     options = Options(
         devices=args.devices,
         concurrency=args.concurrency,
@@ -170,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         scaling=not args.no_scaling,
         db_rtt_ms=args.db_rtt_ms,
         registered=args.registered,
+        db_batches_in_flight=args.db_batches_in_flight,
     )
     # Ctrl-C or SIGTERM (even when started in the background, where SIGINT is ignored)
     # unwinds through the context managers, which stop every process we started.
@@ -179,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp) if args.workdir is None else args.workdir.resolve()
         workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         report = run_benchmark(options, workdir)
-    info = machine(options.db_rtt_ms)
+    info = machine(options.db_rtt_ms, options.server_env())
     table = render_table(report.rows(), info)
     if args.json:
         print(table, file=sys.stderr)

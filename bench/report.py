@@ -28,7 +28,7 @@ TARGET_LARGE_RATIO: Final = 0.8
 MB: Final = 2**20
 
 
-def machine(db_rtt_ms: float) -> dict[str, Any]:
+def machine(db_rtt_ms: float, server_env: dict[str, str] | None = None) -> dict[str, Any]:
     model = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -46,6 +46,7 @@ def machine(db_rtt_ms: float) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "database": database,
+        "server_settings": dict(server_env or {}),
     }
 
 
@@ -323,6 +324,7 @@ def render_table(rows: list[Row], info: dict[str, Any]) -> str:
     lines = [
         f"machine: {info['cpus']} CPUs ({info['cpu_model']}), Python {info['python']}, "
         f"database {info['database']}"
+        + "".join(f", {k}={v}" for k, v in info.get("server_settings", {}).items())
     ]
     for index, cell in enumerate(cells):
         lines.append("  ".join(c.ljust(w) for c, w in zip(cell, widths, strict=True)).rstrip())

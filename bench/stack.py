@@ -94,8 +94,11 @@ class BenchStack:
         *,
         db_rtt_ms: float = 0.0,
         fleet_listener: bool = False,
+        server_env: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
+        self.server_env = dict(server_env or {})
+        """Extra environment of the servers (``PROVISION_SERVER_*`` settings)."""
         self.progress = progress
         self._proxy: LatencyProxy | None = None
         self._mongo: MongoWireServer | None = None
@@ -157,6 +160,7 @@ class BenchStack:
             env = os.environ | {
                 "MONGODB_URI": self.server_uri,
                 "PROVISION_SERVER_POLICY_OFFLINE_TIMEOUT_S": str(OFFLINE_TIMEOUT_S),
+                **self.server_env,
             }
             with log.open("ab") as out:
                 self.servers.append(
