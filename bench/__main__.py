@@ -51,12 +51,16 @@ class Options:
     db_rtt_ms: float
     registered: int
     db_batches_in_flight: int | None = None
+    workers: int | None = None
 
     def server_env(self) -> dict[str, str]:
         """Settings the benchmark's servers get beyond the defaults (environment)."""
-        if self.db_batches_in_flight is None:
-            return {}
-        return {"PROVISION_SERVER_SERVICE_DB_BATCHES_IN_FLIGHT": str(self.db_batches_in_flight)}
+        env = {}
+        if self.db_batches_in_flight is not None:
+            env["PROVISION_SERVER_SERVICE_DB_BATCHES_IN_FLIGHT"] = str(self.db_batches_in_flight)
+        if self.workers is not None:
+            env["PROVISION_SERVER_SERVICE_WORKERS"] = str(self.workers)
+        return env
 
 
 def run_benchmark(options: Options, workdir: Path) -> Report:
@@ -169,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the servers' service.db_batches_in_flight (default: the server's, 3)",
     )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="the servers' service.workers (default 32)"
+    )
     parser.add_argument("--json", action="store_true", help="JSON report on stdout")
     parser.add_argument(
         "--workdir", type=Path, default=None, help="keep logs and files here (default: temporary)"
@@ -179,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--devices, --concurrency and the sample counts must be at least 1")
     if args.db_rtt_ms < 0 or args.registered < 0:
         parser.error("--db-rtt-ms and --registered cannot be negative")
-    if args.db_batches_in_flight is not None and args.db_batches_in_flight < 1:
-        parser.error("--db-batches-in-flight must be at least 1")
+    if any(v is not None and v < 1 for v in (args.db_batches_in_flight, args.workers)):
+        parser.error("--db-batches-in-flight and --workers must be at least 1")
     options = Options(
         devices=args.devices,
         concurrency=args.concurrency,
@@ -190,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         db_rtt_ms=args.db_rtt_ms,
         registered=args.registered,
         db_batches_in_flight=args.db_batches_in_flight,
+        workers=args.workers,
     )
     # Ctrl-C or SIGTERM (even when started in the background, where SIGINT is ignored)
     # unwinds through the context managers, which stop every process we started.
