@@ -8,16 +8,19 @@ from __future__ import annotations
 import os
 import random
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from typing import Any
 
 import pytest
 
 from harness.local_services import MosquittoBroker
-from server.broker.acl_sync import read_broker_state
+from server.broker.acl_sync import AclSync, read_broker_state
 from server.broker.broker_control import CONTROL_TOPIC, BrokerControl
 from server.broker.mosquitto_conf import write_broker_files
 from server.errors import ServerError
-from server.store.schema import DEVICE_ACLS
+from server.store.schema import DEVICE_ACLS, DEVICE_CERTIFICATES
 from tests.broker_fixture import ACCEPTED, NOT_AUTHORIZED, LocalBroker
 
 
@@ -213,3 +216,99 @@ def test_an_unreadable_rights_file_keeps_the_rights_and_refuses_a_start(
     assert "needs a readable plugin_opt_rights_file" in _log(broker)
     os.replace(saved, path)
     broker.mosquitto.start()
+
+
+# --- through the sync: database writes -> rights, without a reload ---------------------------
+
+
+@pytest.fixture
+def sync(broker: LocalBroker) -> Iterator[AclSync]:
+    assert broker.database is not None
+    acl_sync = AclSync(broker.database, broker.ca, broker.layout, interval=0.2).start()
+    try:
+        _eventually(lambda: acl_sync.syncs > 0, "first sync")
+        yield acl_sync
+    finally:
+        acl_sync.stop()
+
+
+def _eventually(check: Callable[[], bool], what: str, timeout: float = 5.0) -> float:
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < timeout, f"not within {timeout} s: {what}"
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
+def _set_acl(broker: LocalBroker, device_id: str, tier: str, rules: list[Any]) -> None:
+    assert broker.database is not None
+    broker.database.collection(DEVICE_ACLS).update_one(
+        {"device_id": device_id},
+        {"$set": {"tier": tier, "rules": rules, "last_updated": datetime.now(timezone.utc)}},
+        upsert=True,
+    )
+
+
+def test_a_tier_downgrade_removes_rights_live_without_a_reload(
+    broker: LocalBroker, sync: AclSync, control: BrokerControl
+) -> None:
+    ports = broker.layout
+    with (
+        broker.client(broker.device("t2")[0], ports.operational_port) as t2,
+        broker.client(broker.device("listener")[0], ports.operational_port) as listener,
+        broker.client(broker.server_identity(), ports.server_port) as server,
+    ):
+        assert listener.subscribe("devices/listener/commands/#") == 1
+        _set_acl(broker, "t2", "2", [])
+        _eventually(lambda: t2.publish("devices/t2/app/x") in ACCEPTED, "tier 2")
+        assert t2.subscribe("devices/t2/#") == 1
+        _set_acl(broker, "t2", "1", [{"action": "publish", "topic": "apps/t2", "allow": True}])
+        took = _eventually(lambda: t2.publish("devices/t2/app/x") == NOT_AUTHORIZED, "tier 1")
+        assert t2.publish("apps/t2") in ACCEPTED
+        assert t2.subscribe("devices/t2/#") == NOT_AUTHORIZED
+        assert t2.connected  # live: the same session lost the rights
+        _set_acl(broker, "t2", "1", [])
+        _eventually(lambda: t2.publish("apps/t2") == NOT_AUTHORIZED, "rule removed")
+        print(f"tier 2 -> 1 applied after {took:.2f} s")
+        assert server.publish("devices/listener/commands/x", b"x") in ACCEPTED
+        assert listener.next_message().payload == b"x"  # never interrupted
+    assert sync.reloads == 0 and sync.rights_updates >= 3
+    assert control.stats()["loads"] == 1  # the broker read its file once: at start
+
+
+def test_a_revoked_status_alone_cuts_and_leaves_a_pending_certificate_no_rights(
+    broker: LocalBroker, sync: AclSync, control: BrokerControl
+) -> None:
+    """A web app that sets the current certificate's status to "revoked" (no CRL entry):
+    the deny block goes to the broker with the kick, no reload."""
+    assert broker.database is not None
+    port = broker.layout.operational_port
+    current, _ = broker.device("rv-1")
+    pending, _ = broker.device("rv-1")  # the same CN, not on any CRL
+    certificates = broker.database.collection(DEVICE_CERTIFICATES)
+    certificates.insert_one({"device_id": "rv-1", "status": "active", "fingerprint": "f"})
+    with broker.client(current, port) as session:
+        assert session.publish("devices/rv-1/status") in ACCEPTED
+        certificates.update_one({"device_id": "rv-1"}, {"$set": {"status": "revoked"}})
+        took = _eventually(lambda: not session.connected, "cut")
+    print(f"status revoked -> session cut after {took:.2f} s")
+    with broker.client(pending, port) as again:
+        assert again.publish("devices/rv-1/status") == NOT_AUTHORIZED
+        assert again.subscribe("devices/rv-1/commands/#") == NOT_AUTHORIZED
+    assert sync.reloads == 0
+    assert control.stats()["loads"] == 1
+
+
+def test_after_a_broker_restart_the_sync_resends_nothing_it_reads_the_file(
+    broker: LocalBroker, sync: AclSync
+) -> None:
+    """Blocks sent over MQTT are also in the file (written first): a restarted broker has
+    them; a request that failed while it was away is retried as a reload."""
+    broker.stop()
+    _set_acl(broker, "r-1", "2", [])
+    _eventually(lambda: "user r-1" in broker.layout.acl_operational.read_text(), "written")
+    _eventually(lambda: sync.failures >= 1, "the request failed")
+    broker.mosquitto.start()
+    _eventually(lambda: sync.reloads == 1, "a reload once the broker is back")
+    with broker.client(broker.device("r-1")[0], broker.layout.operational_port) as device:
+        assert device.publish("devices/r-1/app/x") in ACCEPTED

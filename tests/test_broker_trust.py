@@ -307,6 +307,7 @@ def test_changes_apply_within_2s_while_the_database_takes_20_writes_per_second(
     port = broker.layout.operational_port
     with broker.client(files, port) as probe, broker.client(target.current, port) as victim:
         writer.start()
+        reloads = sync.reloads
         try:
             for change in range(8):
                 allow = change % 2 == 0
@@ -324,6 +325,9 @@ def test_changes_apply_within_2s_while_the_database_takes_20_writes_per_second(
 
                 latencies.append(_wait(applied, 10, "rule change"))
                 time.sleep(0.3)
+            # Rule changes (the probe's and the stream's) go to the broker's rights table
+            # device by device: none of them needed a reload.
+            assert sync.reloads == reloads and sync.rights_updates >= 8
             started = time.monotonic()
             CertificateRecords(broker.database).revoke_current(target.client_id, "test")
             _wait(lambda: not victim.connected, 10, "revocation")

@@ -178,18 +178,32 @@ REVOKED_BLOCK: Final = ("topic deny #",)
 any grant and before the patterns, so its sessions lose every right."""
 
 
-def render_blocks(blocks: Mapping[str, Sequence[str]], revoked_device_ids: Iterable[str]) -> str:
-    """The operational ACL from per-device blocks (``device_block``) and revoked devices."""
+def effective_blocks(
+    blocks: Mapping[str, Sequence[str]], revoked_device_ids: Iterable[str]
+) -> dict[str, tuple[str, ...]]:
+    """clientId -> the lines of its ``user`` block, for every device that has one: its
+    rendered block (``device_block``), or ``REVOKED_BLOCK`` for a revoked device."""
     revoked = {
         d for d in revoked_device_ids
         if isinstance(d, str) and CLIENT_ID_RE.match(d) and d != SERVER_CLIENT_CN
     }  # fmt: skip
+    result = {c: tuple(lines) for c, lines in blocks.items() if lines and c not in revoked}
+    result.update(dict.fromkeys(revoked, REVOKED_BLOCK))
+    return result
+
+
+def render_effective(blocks: Mapping[str, Sequence[str]]) -> str:
+    """The operational ACL from ``effective_blocks``: the patterns, then the user blocks."""
     out = [_HEADER, *(f"pattern {access} {topic}\n" for access, topic in BASE_PATTERNS)]
-    for client_id in sorted(revoked.union(c for c, lines in blocks.items() if lines)):
-        lines = REVOKED_BLOCK if client_id in revoked else blocks[client_id]
+    for client_id in sorted(blocks):
         out.append(f"\nuser {client_id}\n")
-        out.extend(line + "\n" for line in lines)
+        out.extend(line + "\n" for line in blocks[client_id])
     return "".join(out)
+
+
+def render_blocks(blocks: Mapping[str, Sequence[str]], revoked_device_ids: Iterable[str]) -> str:
+    """The operational ACL from per-device blocks (``device_block``) and revoked devices."""
+    return render_effective(effective_blocks(blocks, revoked_device_ids))
 
 
 def render_operational_acl(

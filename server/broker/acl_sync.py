@@ -1,9 +1,10 @@
 """Keep the broker's ACL file and CRLs in step with MongoDB, and cut revoked sessions.
 
 ``AclSync`` mirrors ``device_acls``, ``device_certificates`` and ``certificate_revocations``
-in memory (``FleetState``), writes the broker's files when they change, and asks the
-broker's provisioning_guard plugin (``BrokerControl``, over MQTT) to reload them and then to
-disconnect the sessions of every device whose certificate was just revoked. It notices
+in memory (``FleetState``), writes the broker's files when they change, and brings the
+broker's provisioning_guard plugin up to date over MQTT (``BrokerUpdater``): changed
+devices' rights without a reload, a reload when a CRL changed, and the sessions of every
+device whose certificate was just revoked disconnected. It notices
 changes written by anybody (the web app writes ``device_acls`` directly):
 
 * with a change stream (``db.watch``) where the server offers one (secantusdb, a replica
@@ -29,6 +30,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any, Final
 
 import pymongo
@@ -38,9 +40,10 @@ from pymongo.change_stream import DatabaseChangeStream
 from server.broker.broker_assets import install_broker_assets
 from server.broker.broker_control import BrokerControl
 from server.broker.broker_crls import CrlFile, enforced_now
+from server.broker.broker_update import BrokerUpdater
 from server.broker.fleet_state import WATCHED, Cuts, FleetState
 from server.broker.fleet_state import parse_serial as parse_serial  # re-exported
-from server.broker.mosquitto_conf import BrokerLayout, write_broker_files
+from server.broker.mosquitto_conf import BrokerLayout, update_broker_files
 from server.errors import ServerError
 from server.pki.ca import CertificateAuthority
 from server.store.db import Database, Document
@@ -127,8 +130,7 @@ class AclSync:
         self.mode = "idle"
         """``change_stream`` or ``polling`` once running (for logs and tests)."""
         self.syncs = 0
-        self.reloads = 0
-        self.kicked = 0
+        self.updater = BrokerUpdater(layout, self.control)
         self.failures = 0
         self.last_success: float | None = None
         """Wall-clock time of the last completed sync (for the metrics)."""
@@ -140,10 +142,22 @@ class AclSync:
         self._crl = CrlFile(layout.crl_path, "device")
         self._factory_crl = CrlFile(layout.factory_crl_path, "factory")
         self._lock = threading.Lock()
-        self._pending = Cuts()
-        self._reload_pending = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def reloads(self) -> int:
+        """Broker reloads (a CRL or the configuration changed, or recovery)."""
+        return self.updater.reloads
+
+    @property
+    def rights_updates(self) -> int:
+        """Device rights changed over MQTT without a reload."""
+        return self.updater.rights_updates
+
+    @property
+    def kicked(self) -> int:
+        return self.updater.kicked
 
     # -- one synchronisation --
 
@@ -206,8 +220,8 @@ class AclSync:
         pending = self._pending_since
         return max(0.0, time.time() - pending) if pending is not None else self._last_lag
 
-    def _write(self, fleet: FleetState) -> bool:
-        return write_broker_files(
+    def _write(self, fleet: FleetState) -> frozenset[Path]:
+        return update_broker_files(
             self.layout,
             (),
             (),
@@ -221,7 +235,7 @@ class AclSync:
         )
 
     def _apply(self, cuts: Cuts) -> bool:
-        """Write what changed; reload (then cut) when a file changed or a cut is due."""
+        """Write what changed, then bring the broker to it (rights, reload, cuts)."""
         fleet = self.fleet
         assert fleet is not None
         try:
@@ -229,28 +243,22 @@ class AclSync:
         except BaseException:
             self._crl.forget()
             self._factory_crl.forget()
+            # Some files may be written (a CRL among them) that the next pass finds
+            # unchanged: reload then, whatever it finds.
+            self.updater.require_reload()
             raise
         self.syncs += 1
-        # Kept until the broker confirms, so a failed reload is retried by the next pass
-        # (files unchanged by then) and no cut is lost.
-        self._pending = Cuts(
-            self._pending.devices | cuts.devices, self._pending.births | cuts.births
-        )
-        self._reload_pending = self._reload_pending or changed or bool(self._pending)
-        if self._reload_pending:
-            pending = self._pending
-            took = self.control.reload(kick=pending.devices, kick_birth=pending.births)
-            self._reload_pending, self._pending = False, Cuts()
-            self.reloads += 1
-            self.kicked += len(pending.devices) + len(pending.births)
+        # Files first: a broker that restarts or reloads meanwhile reads the new rights.
+        applied = self.updater.apply(fleet.device_blocks(), changed, cuts)
+        if applied.rights or applied.reload_s is not None or applied.cut or applied.cut_birth:
             log.info(
-                "event=acl_sync_applied devices=%d revoked_devices=%d cut=%s cut_birth=%s "
-                "reload_s=%.3f",
-                len(fleet.acl_docs), len(fleet.revoked_device_ids),
-                ",".join(sorted(pending.devices)) or "-", ",".join(sorted(pending.births)) or "-",
-                took,
+                "event=acl_sync_applied devices=%d revoked_devices=%d rights=%d cut=%s "
+                "cut_birth=%s reload_s=%s",
+                len(fleet.acl_docs), len(fleet.revoked_device_ids), applied.rights,
+                ",".join(sorted(applied.cut)) or "-", ",".join(sorted(applied.cut_birth)) or "-",
+                "-" if applied.reload_s is None else f"{applied.reload_s:.3f}",
             )  # fmt: skip
-        return changed
+        return bool(changed)
 
     # -- the thread --
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Final
 
-from server.broker.acl_rules import device_block, render_blocks
+from server.broker.acl_rules import device_block, effective_blocks, render_effective
 from server.store.db import Database, Document
 from server.store.schema import (
     CERTIFICATE_REVOCATIONS,
@@ -104,6 +104,7 @@ class FleetState:
     """``_id -> (device_id, status, serial)`` of each device's current certificate."""
     revocations: dict[Any, Revocation] = field(default_factory=dict)
     _acl_text: str | None = field(default=None, repr=False)
+    _effective: dict[str, tuple[str, ...]] | None = field(default=None, repr=False)
     _revoked: frozenset[str] | None = field(default=None, repr=False)
 
     # -- reading --
@@ -192,7 +193,7 @@ class FleetState:
             self.acl_docs[_id] = doc
             self.blocks[_id] = device_block(doc)
         if self.blocks.get(_id) != before:
-            self._acl_text = None
+            self._acl_text = self._effective = None
 
     def _set_certificate(self, _id: Any, doc: Document | None) -> None:
         device_id = doc.get("device_id") if doc else None
@@ -206,7 +207,7 @@ class FleetState:
                 parse_serial(doc.get("serial")),
             )
         if self.certificates.get(_id) != before:
-            self._acl_text = self._revoked = None
+            self._acl_text = self._effective = self._revoked = None
 
     def _set_revocation(self, _id: Any, doc: Document | None) -> None:
         revocation = Revocation.of(doc) if doc is not None else None
@@ -216,7 +217,7 @@ class FleetState:
         else:
             self.revocations[_id] = revocation
         if self.revocations.get(_id) != before:
-            self._acl_text = self._revoked = None
+            self._acl_text = self._effective = self._revoked = None
 
     # -- what the files say --
 
@@ -243,15 +244,23 @@ class FleetState:
             if r.birth == birth and (r.expires_at is None or r.expires_at > horizon)
         }
 
-    def operational_acl(self) -> str:
-        """The ACL file's text; rendered again only after a change that alters it (a write
-        stream of edits that leave every block as it was costs no 100,000-block render)."""
-        if self._acl_text is None:
+    def device_blocks(self) -> dict[str, tuple[str, ...]]:
+        """clientId -> its ``user`` block lines, for the devices that have one (what the
+        broker's rights table must hold); computed again only after a change that alters it.
+        The result is never changed in place (the sync keeps it as "what the broker has")."""
+        if self._effective is None:
             # A device_id held by two documents (no unique index on a foreign database):
             # the first one read wins, as in a full render.
             by_device: dict[str, list[str]] = {}
             for found in self.blocks.values():
                 if found is not None:
                     by_device.setdefault(found[0], found[1])
-            self._acl_text = render_blocks(by_device, self.revoked_device_ids)
+            self._effective = effective_blocks(by_device, self.revoked_device_ids)
+        return self._effective
+
+    def operational_acl(self) -> str:
+        """The ACL file's text; rendered again only after a change that alters it (a write
+        stream of edits that leave every block as it was costs no 100,000-block render)."""
+        if self._acl_text is None:
+            self._acl_text = render_effective(self.device_blocks())
         return self._acl_text

@@ -278,6 +278,25 @@ def write_broker_files(
     the file already there (it must exist). ``operational_acl``, when given, is the
     rendered ACL (the sync renders it incrementally) and the two iterables are ignored.
     """
+    return bool(
+        update_broker_files(
+            layout, acl_docs, revoked_device_ids, crl_pem, factory_crl_pem,
+            operational_acl=operational_acl,
+        )
+    )  # fmt: skip
+
+
+def update_broker_files(
+    layout: BrokerLayout,
+    acl_docs: Iterable[Mapping[str, Any]],
+    revoked_device_ids: Iterable[str],
+    crl_pem: bytes | None,
+    factory_crl_pem: bytes | None = None,
+    *,
+    operational_acl: str | None = None,
+) -> frozenset[Path]:
+    """``write_broker_files``, returning the paths it replaced (the sync changes rights
+    without a reload when only the operational ACL changed)."""
     prepare_broker_directory(layout)
     if operational_acl is None:
         operational_acl = render_operational_acl(acl_docs, revoked_device_ids)
@@ -292,7 +311,6 @@ def write_broker_files(
         elif not path.exists():
             raise BrokerError(f"{path} is missing and no CRL was given for it")
     try:
-        changed = [replace_if_changed(path, data) for path, data in files]
+        return frozenset(path for path, data in files if replace_if_changed(path, data))
     except OSError as exc:
         raise BrokerError(f"cannot write broker files in {layout.directory}: {exc}") from None
-    return any(changed)
