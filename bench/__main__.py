@@ -2,7 +2,8 @@
 
 Progress goes to stderr. The table goes to stdout; with ``--json`` stdout holds the JSON
 report instead and the table goes to stderr. Exit status 1 if any device of the run did
-not reach ACTIVE in the database.
+not reach ACTIVE in the database, or (without ``--registered``) the ledger's audit after
+the runs is not clean.
 
 One run, in this order: the signing ceiling, the server logic in-process, one server and
 N devices, single first boots, real agents; with ``--registered M``, M more devices
@@ -35,6 +36,7 @@ from bench.provisioning_rate import (
 from bench.report import Report, machine, render_table
 from bench.signing_rate import measure_signing_rate
 from bench.stack import BenchStack
+from server.store.audit import audit
 
 
 def progress(message: str) -> None:
@@ -116,6 +118,9 @@ def run_benchmark(options: Options, workdir: Path) -> Report:
             scaled_start = stack.start_servers(2)
             progress(f"provisioning {devices} devices with 2 servers")
             scaled = run_fleet(stack, more, concurrency, progress)
+        # The ledger after every device of the runs (the prefilled fleet has no ledger
+        # records, so there is nothing to audit against with --registered).
+        ledger_audit = audit(stack.database) if options.registered == 0 else None
         for run in (fleet, large, scaled):
             if run is not None and (run.failures or run.not_active):
                 progress(
@@ -137,6 +142,7 @@ def run_benchmark(options: Options, workdir: Path) -> Report:
             scaled_start=scaled_start,
             scaled=scaled,
             retained=retained,
+            audit=ledger_audit,
         )
 
 
@@ -215,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"machine": info, "results": report.results(), "rows": rows}, indent=2))
     else:
         print(table)
-    return 0 if report.all_active else 1
+    return 0 if report.all_active_and_audited else 1
 
 
 if __name__ == "__main__":

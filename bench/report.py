@@ -15,6 +15,7 @@ from bench.fleet_prefill import Prefill
 from bench.provisioning_rate import AgentResult, FleetResult, ServiceRate, median
 from bench.signing_rate import SigningRate
 from bench.stack import ServerStart
+from server.store.audit import AuditReport
 
 TARGET_FRACTION_OF_CEILING: Final = 0.045
 TARGET_RATE_REMOTE_DB: Final = 100.0
@@ -80,15 +81,17 @@ class Report:
     scaled: FleetResult | None = None
     retained: int = 0
     """Retained statuses in the broker when the 2 servers started."""
+    audit: AuditReport | None = None
+    """``provision-server audit`` of the ledger after the runs."""
 
     def runs(self) -> list[FleetResult]:
         return [r for r in (self.fleet, self.large, self.scaled) if r is not None]
 
     @property
-    def all_active(self) -> bool:
+    def all_active_and_audited(self) -> bool:
         return all(
             r.active_in_db == r.devices and not r.failures and not r.not_active for r in self.runs()
-        )
+        ) and (self.audit is None or self.audit.clean)
 
     def results(self) -> dict[str, Any]:
         fleet = self.fleet
@@ -129,6 +132,8 @@ class Report:
             out["scaled_server_start_s"] = round(self.scaled_start.total_s, 2)
             out["scaled_retained_statuses"] = self.retained
             out["scaling_ratio"] = round(self.scaled.per_second / fleet.per_second, 3)
+        if self.audit is not None:
+            out["audit"] = self.audit.to_json() | {"exceptions": self.audit.exceptions[:20]}
         return out
 
     def rows(self) -> list[Row]:
@@ -203,6 +208,16 @@ class Report:
                     r["scaling_ratio"] >= target,
                 ),
             ]
+        if self.audit is not None:
+            found = self.audit
+            rows.append(
+                Row(
+                    "audit of the ledger after the runs (provision-server audit)",
+                    f"{found.certificates} certificates, {len(found.exceptions)} exceptions",
+                    "clean",
+                    found.clean,
+                )
+            )
         return rows
 
     def _large_rows(self, r: dict[str, Any]) -> list[Row]:

@@ -35,6 +35,9 @@ def test_bench_small_fleet_reports_every_row_and_all_devices_active(repo_root: P
         assert all(cpu[name] > 0 for name in names) and cpu["total"] > 0
         assert results[f"{phase}_db_commands_per_device"] >= 2
     assert results["service_per_s"] > 0 and results["db_commands_per_device"] >= 3
+    # Every certificate of the runs is in the ledger and accounted for.
+    assert results["audit"]["clean"], results["audit"]
+    assert results["audit"]["certificates"] >= 40 and results["audit"]["current"] >= 40
     assert len(results["agent_boot_samples_s"]) == 1 and results["agent_rss_median_mb"] > 5
     p50, p95, p99 = (results[f"latency_to_certificate_p{p}_ms"] for p in (50, 95, 99))
     assert 0 < p50 <= p95 <= p99
