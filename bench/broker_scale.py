@@ -10,7 +10,8 @@ real Mosquitto with the provisioning_guard plugin and a running ``AclSync``:
 * broker start (listeners accepting) and its VmRSS;
 * reload: one reload over MQTT, until the plugin confirmed it (the broker serves nobody
   while it re-reads the files);
-* rule change: a ``device_acls`` write -> the probe device's publish flips (real client);
+* rule change: a ``device_acls`` write -> the probe device's publish flips (real client),
+  and whether the broker reloaded meanwhile (rights go over MQTT; only CRLs need one);
 * revocation: ``revoke_current`` -> the device's live session is disconnected;
 * the same two while the database takes ``--writes-per-s`` unrelated writes for
   ``--sustained`` seconds (p50 / p99 / max).
@@ -142,6 +143,8 @@ class ScaleResult:
     sustained_rule_change_s: list[float] = field(default_factory=list)
     sustained_revocation_s: list[float] = field(default_factory=list)
     sustained_writes: int = 0
+    rule_changes_reloaded: int = 0
+    """Rule changes during which the broker reloaded (it should not need to)."""
 
 
 def _wait(check: Callable[[], bool], timeout: float) -> float:
@@ -173,14 +176,16 @@ def _rule_change(database: Database, probe: MqttClient, allow: bool) -> float:
     return time.monotonic() - started
 
 
-def _revocation(broker: LocalBroker, database: Database, name: str) -> float:
+def _revocation(broker: LocalBroker, database: Database, name: str, sync: AclSync) -> float:
     files, cert = broker.device(name)
     CertificateRecords(database).record_issued(name, None, IssuedCertificate.of(cert))
     with broker.client(files, broker.layout.operational_port) as session:
-        started = time.monotonic()
+        started, reloads = time.monotonic(), sync.reloads
         CertificateRecords(database).revoke_current(name, "bench")
         _wait(lambda: not session.connected, 120)
-        return time.monotonic() - started
+        took = time.monotonic() - started
+    _wait(lambda: sync.reloads > reloads, 120)  # the CRL reload that follows the cut
+    return took
 
 
 def _writer(database: Database, stop: threading.Event, per_second: float, count: list[int]) -> None:
@@ -267,9 +272,11 @@ def _measure_with_sync(
         with broker.client(probe_files, broker.layout.operational_port) as probe:
             progress(f"{result.devices} devices: rule changes and revocations")
             for index in range(args.changes):
+                reloads = sync.reloads
                 result.rule_change_s.append(_rule_change(database, probe, index % 2 == 0))
+                result.rule_changes_reloaded += sync.reloads > reloads
             for index in range(args.changes):
-                result.revocation_s.append(_revocation(broker, database, f"revoked-{index}"))
+                result.revocation_s.append(_revocation(broker, database, f"revoked-{index}", sync))
             if args.sustained > 0:
                 progress(
                     f"{result.devices} devices: {args.writes_per_s:.0f} writes/s "
@@ -286,11 +293,13 @@ def _measure_with_sync(
                     while time.monotonic() < ends:
                         if index % 4 == 3:
                             result.sustained_revocation_s.append(
-                                _revocation(broker, database, f"burst-{index}")
+                                _revocation(broker, database, f"burst-{index}", sync)
                             )
                         else:
+                            reloads = sync.reloads
                             change = _rule_change(database, probe, index % 2 == 0)
                             result.sustained_rule_change_s.append(change)
+                            result.rule_changes_reloaded += sync.reloads > reloads
                         index += 1
                         time.sleep(0.2)
                 finally:
@@ -328,6 +337,8 @@ def table(results: list[ScaleResult], args: argparse.Namespace) -> str:
     label = f"under {args.writes_per_s:.0f} writes/s for {args.sustained:.0f} s"
     row(f"rule change {label}", lambda r: _stats(r.sustained_rule_change_s))
     row(f"revocation {label}", lambda r: _stats(r.sustained_revocation_s))
+    row("rule changes with a reload", lambda r: f"{r.rule_changes_reloaded} of "
+        f"{len(r.rule_change_s) + len(r.sustained_rule_change_s)}")  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))

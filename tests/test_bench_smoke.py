@@ -87,4 +87,5 @@ def test_broker_scale_bench_measures_every_row(repo_root: Path) -> None:
     assert len(result["rule_change_s"]) == 2 and len(result["revocation_s"]) == 2
     assert result["sustained_rule_change_s"] and result["sustained_writes"] > 0
     assert max(result["rule_change_s"] + result["revocation_s"]) < 10
+    assert result["rule_changes_reloaded"] == 0  # rights go to the broker without a reload
     assert "revocation -> session cut" in run.stderr  # the table
