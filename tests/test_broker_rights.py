@@ -69,6 +69,10 @@ def test_a_rights_block_applies_at_once_without_a_reload(
         assert live.publish("apps/live/out") in ACCEPTED  # no wait: applied before "done"
         assert live.publish("devices/live/status") in ACCEPTED  # the baseline stays
 
+        # Denials first, wherever they stand in the block (acl_file put them in front).
+        control.update_rights({"live": ["topic write apps/live/#", "topic deny apps/live/no"]})
+        assert live.publish("apps/live/no") == NOT_AUTHORIZED
+        assert live.publish("apps/live/yes") in ACCEPTED
         control.update_rights({"live": ["topic deny #", "topic write apps/live/out"]})
         assert live.publish("apps/live/out") == NOT_AUTHORIZED  # denials first
         assert live.publish("devices/live/status") == NOT_AUTHORIZED  # ... before patterns
@@ -80,7 +84,7 @@ def test_a_rights_block_applies_at_once_without_a_reload(
         assert live.subscribe("devices/live/commands/#") == 1
 
         # No reload happened, and another client's subscription was never interrupted.
-        assert control.stats() == {"loads": 1, "blocks": 3, "devices": 0}
+        assert control.stats() == {"loads": 1, "blocks": 4, "devices": 0}
         assert server.publish("devices/watcher/commands/go", b"go") in ACCEPTED
         assert watcher.next_message().payload == b"go"
         assert watcher.connected and live.connected
