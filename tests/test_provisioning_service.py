@@ -505,3 +505,42 @@ def test_with_group_commit_a_csr_takes_four_round_trips_and_retires_stale_record
     record = database.collection(DEVICE_CERTIFICATES).find_one({"device_id": kit.client_id})
     assert record is not None and record["serial"] == cert["serial"]
     assert audit(database).clean
+
+
+def test_a_repeated_csr_after_a_crash_converges_records_and_ledger(
+    database: Database,
+    service: ProvisioningService,
+    service_ca: CertificateAuthority,
+    user_id: ObjectId,
+) -> None:
+    """A crash after the device update, before the records and the ledger's clean-up.
+
+    The state it leaves: the device holds its certificate (token used), no certificate
+    record or ACL yet, and a certificate signed for it by an earlier attempt that also
+    crashed (after its ledger insert) still current in the ledger. The device repeats
+    its CSR with the same token and key: it gets the same certificate, and the records
+    and the ledger converge (the stale certificate revoked): the audit is clean.
+    """
+    kit = DeviceKit("board-crash", "02:00:00:00:0c:02", service_ca)
+    register(database, kit, user_id)
+    first = provision(service, kit)
+    database.collection(DEVICE_CERTIFICATES).delete_many({"device_id": kit.client_id})
+    database.collection(DEVICE_ACLS).delete_many({"device_id": kit.client_id})
+    stale = IssuedCertificate.of(
+        service_ca.sign_device_certificate(
+            kit.key.public_key(), kit.client_id, kit.mac, timedelta(days=30)
+        )
+    )
+    ledger = IssuanceLedger(database)
+    ledger.record(kit.client_id, stale, IssuanceKind.FIRST, IssuanceState.CURRENT, "provisioned")
+    assert not audit(database).clean
+
+    again = answer(service, kit.client_id, kit.csr_request(first["token"]))
+
+    assert again["ok"] and again["serial"] == first["serial"], again
+    states = {r["serial"]: r["state"] for r in ledger.history(kit.client_id)}
+    assert states == {stale.serial: "superseded", first["serial"]: "current"}
+    record = database.collection(DEVICE_CERTIFICATES).find_one({"device_id": kit.client_id})
+    assert record is not None and record["serial"] == first["serial"]
+    assert database.collection(DEVICE_ACLS).count_documents({"device_id": kit.client_id}) == 1
+    assert audit(database).clean

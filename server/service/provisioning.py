@@ -307,27 +307,27 @@ class ProvisioningService:
 
     def _repeat_issued(self, device: Document, public_key: Any) -> dict[str, Any]:
         """Idempotent retry: the same key with the same (used) token gets the same certificate."""
-        if device.get("tokenUsed") is not True or not cert_key_matches(
-            device.get("crt"), public_key
-        ):
+        used, crt = device.get("tokenUsed") is True, device.get("crt")
+        if not used or not cert_key_matches(crt, public_key):
             raise TokenInvalid("token was already used; request a new one")
         status = device.get("status")
         if status not in {s.value for s in HOLDS_CERTIFICATE}:
             raise WrongState(f"device is {status!r}; request a new token")
         cert = IssuedCertificate.of(x509.load_pem_x509_certificate(str(device["crt"]).encode()))
-        # Converge after a crash between the device update and the records.
+        # Converge after a crash between the device update and the records or the ledger's
+        # clean-up (a first certificate of an earlier attempt, never delivered, revoked).
         self.records.record_issued(str(device["clientId"]), device.get("userId"), cert)
+        self.ledger.retire_open(
+            str(device["clientId"]), IssuanceState.SUPERSEDED, f"re-provisioned as {cert.serial}",
+            keep=cert.serial, kinds=[IssuanceKind.FIRST.value],
+        )  # fmt: skip
         chain = str(device.get("ca_certificate") or self.ca.device_ca_chain_pem.decode())
         return self._certificate_fields(cert.pem, chain, cert.serial, cert.expires_at)
 
     @staticmethod
     def _certificate_fields(pem: str, chain: str, serial: str, expires: datetime) -> dict[str, Any]:
-        return {
-            "certificate": pem,
-            "caChain": chain,
-            "serial": serial,
-            "expiresAt": expires.isoformat(),
-        }
+        fields = {"certificate": pem, "caChain": chain, "serial": serial}
+        return fields | {"expiresAt": expires.isoformat()}
 
     # --- status -----------------------------------------------------------------
 
