@@ -12,7 +12,13 @@ from cryptography import x509
 from server.broker.acl_sync import AclSync, parse_serial, read_broker_state
 from server.pki.ca import serial_hex
 from server.store.schema import CERTIFICATE_REVOCATIONS, DEVICE_ACLS, DEVICE_CERTIFICATES
-from tests.broker_fixture import ACCEPTED, NOT_AUTHORIZED, LocalBroker, can_connect
+from tests.broker_fixture import (
+    ACCEPTED,
+    NOT_AUTHORIZED,
+    ConnectRefused,
+    LocalBroker,
+    can_connect,
+)
 
 WITHIN_S = 5.0
 
@@ -101,6 +107,18 @@ def test_revocation_cuts_the_live_session_and_refuses_the_next_connect(
         )
         # The open session is cut (the CRL only applies at the next handshake).
         _eventually(lambda: not device.connected, "cut")
+
+    # A device denied everything is cut before its CRL is signed: until the reload a
+    # reconnect has no rights, then its handshake is refused.
+    def refused() -> bool:
+        try:
+            with broker.client(files, port) as again:
+                assert again.publish("devices/rev-1/status") == NOT_AUTHORIZED
+                return False
+        except (ConnectRefused, TimeoutError):
+            return True
+
+    _eventually(refused, "handshake refused")
     assert not can_connect(broker, files, port)
     cli = broker.mosquitto_pub(files, port, "devices/rev-1/status")
     assert cli.returncode != 0, cli.stdout + cli.stderr

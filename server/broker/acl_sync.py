@@ -3,9 +3,8 @@
 ``AclSync`` mirrors ``device_acls``, ``device_certificates`` and ``certificate_revocations``
 in memory (``FleetState``), writes the broker's files when they change, and brings the
 broker's provisioning_guard plugin up to date over MQTT (``BrokerUpdater``): changed
-devices' rights without a reload, a reload when a CRL changed, and the sessions of every
-device whose certificate was just revoked disconnected. It notices
-changes written by anybody (the web app writes ``device_acls`` directly):
+devices' rights without a reload, a reload when a CRL changed, the sessions of every device
+whose certificate was just revoked cut. It notices writes by anybody (the web app's too):
 
 * with a change stream (``db.watch``) where the server offers one (secantusdb, a replica
   set, Atlas): the changed ``_id``s are re-read (no rescan); a batch closes
@@ -220,36 +219,38 @@ class AclSync:
         pending = self._pending_since
         return max(0.0, time.time() - pending) if pending is not None else self._last_lag
 
-    def _write(self, fleet: FleetState) -> frozenset[Path]:
-        return update_broker_files(
-            self.layout,
-            (),
-            (),
-            self._crl.needed(
-                self.ca, fleet.serials(birth=False), self.crl_validity, self.crl_refresh
-            ),
-            self._factory_crl.needed(
-                self.ca, fleet.serials(birth=True), self.crl_validity, self.crl_refresh
-            ),
-            operational_acl=fleet.operational_acl(),
-        )
-
-    def _apply(self, cuts: Cuts) -> bool:
-        """Write what changed, then bring the broker to it (rights, reload, cuts)."""
-        fleet = self.fleet
-        assert fleet is not None
+    def _write(self, fleet: FleetState, *, crls: bool) -> frozenset[Path]:
+        """Conf and ACLs, and with ``crls`` the CRLs (50,000 serials take 0.4 s to sign)."""
         try:
-            changed = self._write(fleet)
+            return update_broker_files(
+                self.layout, (), (),
+                self._crl.needed(self.ca, fleet.serials(birth=False), self.crl_validity,
+                                 self.crl_refresh) if crls else None,
+                self._factory_crl.needed(self.ca, fleet.serials(birth=True), self.crl_validity,
+                                         self.crl_refresh) if crls else None,
+                operational_acl=fleet.operational_acl(),
+            )  # fmt: skip
         except BaseException:
             self._crl.forget()
             self._factory_crl.forget()
-            # Some files may be written (a CRL among them) that the next pass finds
-            # unchanged: reload then, whatever it finds.
+            # Files written before the failure (a CRL?) look unchanged next time: reload then.
             self.updater.require_reload()
             raise
+
+    def _apply(self, cuts: Cuts) -> bool:
+        """Write what changed, then bring the broker to it: files first (a broker that
+        restarts or reloads meanwhile reads them), rights before the CRLs (a device whose
+        current certificate was just revoked is cut with its deny block before its CRL is
+        even signed; the reload then refuses its handshake)."""
+        fleet = self.fleet
+        assert fleet is not None
+        paths = (self.layout.crl_path, self.layout.factory_crl_path)
+        crls_first = not all(path.exists() for path in paths)
+        changed = self._write(fleet, crls=crls_first)
         self.syncs += 1
-        # Files first: a broker that restarts or reloads meanwhile reads the new rights.
-        applied = self.updater.apply(fleet.device_blocks(), changed, cuts)
+        applied = self.updater.apply(
+            fleet.device_blocks(), changed, cuts, then=lambda: self._write(fleet, crls=True)
+        )
         if applied.rights or applied.reload_s is not None or applied.cut or applied.cut_birth:
             log.info(
                 "event=acl_sync_applied devices=%d revoked_devices=%d rights=%d cut=%s "
@@ -258,7 +259,7 @@ class AclSync:
                 ",".join(sorted(applied.cut)) or "-", ",".join(sorted(applied.cut_birth)) or "-",
                 "-" if applied.reload_s is None else f"{applied.reload_s:.3f}",
             )  # fmt: skip
-        return bool(changed)
+        return bool(changed | applied.written)
 
     # -- the thread --
 

@@ -9,9 +9,10 @@ The sync writes the broker's files first (atomically), then calls ``BrokerUpdate
   failed request), or more than ``MAX_INCREMENTAL_DEVICES`` devices changed at once: a
   reload (SIGHUP), which re-reads everything, the rights file included.
 * cuts: a device whose block now denies everything (its current certificate is revoked)
-  is kicked together with its block, at once - it can only reconnect to no rights. Every
-  other cut (a superseded certificate, a birth certificate) waits for the reload's event,
-  after the new CRLs: it can only reconnect against them.
+  is kicked together with its block, at once - before the new CRL is even signed (``then``
+  writes it) - and can only reconnect to no rights. Every other cut (a superseded
+  certificate, a birth certificate) waits for the reload's event, after the new CRLs: it
+  can only reconnect against them.
 
 A failed request leaves a reload pending with its cuts: the next pass re-reads everything
 although the files no longer change.
@@ -20,7 +21,7 @@ although the files no longer change.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -52,6 +53,8 @@ class Applied:
     reload_s: float | None = None
     cut: frozenset[str] = frozenset()
     cut_birth: frozenset[str] = frozenset()
+    written: frozenset[Path] = frozenset()
+    """What ``then`` wrote."""
 
 
 class BrokerUpdater:
@@ -73,8 +76,17 @@ class BrokerUpdater:
         """The next ``apply`` reloads (files may have changed without being reported)."""
         self._reload_pending = True
 
-    def apply(self, blocks: Blocks, changed: frozenset[Path], cuts: Cuts) -> Applied:
-        """Bring the broker to ``blocks`` (as just written) and the written files."""
+    def apply(
+        self,
+        blocks: Blocks,
+        changed: frozenset[Path],
+        cuts: Cuts,
+        then: Callable[[], frozenset[Path]] | None = None,
+    ) -> Applied:
+        """Bring the broker to ``blocks`` (as just written) and the written files.
+
+        ``then`` writes the rest (the CRLs) after the rights went out and before the
+        reload decision; it returns the files it changed."""
         pending = Cuts(self._pending.devices | cuts.devices, self._pending.births | cuts.births)
         self._pending = pending
         known = self.broker_blocks
@@ -100,6 +112,9 @@ class BrokerUpdater:
                 self.kicked += len(early)
                 self._pending = Cuts(late, pending.births)
                 applied.rights, applied.cut = len(diff), early
+            if then is not None:
+                applied.written = then()
+                reload = reload or bool(applied.written - {self.layout.acl_operational})
             if reload:
                 started = time.monotonic()
                 self.control.reload(kick=late, kick_birth=pending.births)
