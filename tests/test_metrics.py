@@ -118,7 +118,16 @@ def run(
 
         wait_for("the server's broker session", connected)
         before = parse(scrape(url))
-        provision_one_device(database, ca, layout.provisioning_port, layout.operational_port)
+        client_id = provision_one_device(
+            database, ca, layout.provisioning_port, layout.operational_port
+        )
+        # A web-app edit of its rights: the sync sends them to the broker, no reload.
+        acls = database.collection(DEVICE_ACLS)
+        acls.update_one({"device_id": client_id}, {"$set": {"tier": "2"}})
+        wait_for(
+            "a rights update",
+            lambda: value(parse(scrape(url)), "provision_broker_rights_updates_total") >= 1,
+        )
         text = scrape(url)
         yield Run(before, parse(text), text, log_path.read_text(), started)
     finally:
@@ -131,7 +140,8 @@ def run(
 
 def provision_one_device(
     database: Database, ca: CertificateAuthority, provisioning_port: int, operational_port: int
-) -> None:
+) -> str:
+    """Provision one device to ACTIVE over the real broker; its clientId."""
     kit = DeviceKit("metrics-board", "02:00:00:00:0E:01", ca)
     devices = DeviceRepository(database)
     devices.add(kit.mac, kit.client_id)
@@ -163,6 +173,7 @@ def provision_one_device(
         wait_for("ACTIVE", active)
     finally:
         session.close()
+    return kit.client_id
 
 
 def test_request_counters_and_latency_move_by_what_the_device_did(run: Run) -> None:
@@ -203,6 +214,8 @@ def test_broker_sync_and_validity_horizons_are_exported(run: Run) -> None:
     assert value(run.after, "provision_broker_syncs_total") >= 1
     assert value(run.after, "provision_broker_sync_last_success_timestamp_seconds") >= run.started
     assert value(run.after, "provision_broker_sync_failures_total") == 0
+    assert value(run.after, "provision_broker_rights_updates_total") >= 1  # the tier edit
+    assert value(run.after, "provision_broker_sessions_cut_total") == 0  # nothing revoked
     # The device's first certificate added its ACL: a change the sync saw and applied.
     assert 0 <= value(run.after, "provision_broker_sync_lag_seconds") < 10
     for issuer in ("device", "factory"):

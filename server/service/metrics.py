@@ -65,6 +65,12 @@ class SyncState(Protocol):
     def reloads(self) -> int: ...
 
     @property
+    def rights_updates(self) -> int: ...
+
+    @property
+    def kicked(self) -> int: ...
+
+    @property
     def failures(self) -> int: ...
 
     @property
@@ -312,6 +318,16 @@ class _StateCollector(Collector):
         yield last
         yield _counter("broker_syncs", "ACL/CRL synchronisations completed.", sync.syncs)
         yield _counter("broker_reloads", "Broker reloads after a file changed.", sync.reloads)
+        yield _counter(
+            "broker_rights_updates",
+            "Device rights changed in the broker's table over MQTT, without a reload.",
+            sync.rights_updates,
+        )
+        yield _counter(
+            "broker_sessions_cut",
+            "Device session cuts asked of the broker (revocations, by any process or the CLI).",
+            sync.kicked,
+        )
         yield _counter("broker_sync_failures", "ACL/CRL synchronisations failed.", sync.failures)
 
     def _pki(self) -> Iterator[Metric]:
