@@ -107,7 +107,6 @@ class BrokerUpdater:
         try:
             if incremental and (diff or early):
                 self.control.update_rights(diff, kick=early)
-                self.broker_blocks = blocks
                 self.rights_updates += bool(diff)
                 self.kicked += len(early)
                 self._pending = Cuts(late, pending.births)
